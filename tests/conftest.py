@@ -1,0 +1,16 @@
+"""Shared test configuration.
+
+Fixtures that start real servers live in their own plugin modules so that each
+concept (the MongoDB stand-in, the simulated PBX) has one home.
+"""
+
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES
