@@ -1,0 +1,393 @@
+"""The AMI wire format, with no I/O: bytes in, messages out; actions in, bytes out.
+
+An AMI stream is a banner line (``Asterisk Call Manager/11.0.0``) followed by
+messages, each a block of ``Name: value`` lines ended by an empty line. Two
+things make it less regular than it looks:
+
+* Asterisk <= 13 answers ``Command`` with ``Response: Follows``, then the raw CLI
+  output (which may contain empty lines and ``: ``), then ``--END COMMAND--``.
+  Such a message cannot be framed by the empty line alone.
+* Line ends are CRLF, but bare LF and the ``\\r\\n\\n`` terminator occur in the
+  wild, so framing accepts ``\\n`` with an optional ``\\r`` before it.
+
+Framing is done on bytes; a message is decoded as UTF-8 only once it is
+complete, so a multi-byte character split across TCP reads is never mangled.
+Headers are parsed lazily on first access: a worker that only needs the raw
+bytes (to hash them) or the event name pays for nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "MAX_ACTION_LINE",
+    "Message",
+    "Parser",
+    "ProtocolError",
+    "encode_action",
+    "encode_message",
+]
+
+#: Default bound on one message; a peer that sends more without an end is broken or hostile.
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+#: Asterisk reads a manager line into a 1025-byte buffer and discards longer lines,
+#: so a longer action line would be silently mangled by the server.
+MAX_ACTION_LINE = 1024
+
+#: The longest banner we wait for before deciding the peer is not an AMI server.
+_MAX_BANNER = 1024
+
+# A message ends at an empty line: "\n" then an optional "\r" then "\n".
+# The pattern starts with a literal so the regex engine can skip ahead quickly.
+_END_OF_MESSAGE = re.compile(rb"\n\r?\n")
+_FOLLOWS = b"Response: Follows"
+_END_COMMAND = "--END COMMAND--"
+_END_COMMAND_BYTES = _END_COMMAND.encode()
+_BANNER = re.compile(rb"^(?P<product>[^/\r\n]*Call Manager[^/\r\n]*)/(?P<version>[^\s]+)\s*$")
+# Headers that may precede the raw body of a "Response: Follows" reply.
+_FOLLOWS_HEADERS = frozenset({"response", "privilege", "actionid"})
+
+MessageKind = Literal["event", "response", "unknown"]
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not AMI, or a message over the size limit.
+
+    ``messages`` holds the complete messages parsed from the same input before
+    the fault, so a caller can still deliver them before closing the session.
+    """
+
+    def __init__(self, reason: str, messages: list[Message] | None = None) -> None:
+        super().__init__(reason)
+        self.messages: list[Message] = messages or []
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Keep every byte visible (as \\xNN) rather than dropping or raising:
+        # the exact bytes stay available in Message.raw.
+        return raw.decode("utf-8", "backslashreplace")
+
+
+class Message(Mapping[str, str]):
+    """One AMI message: a read-only, case-insensitive mapping of its headers.
+
+    ``m["uniqueid"]`` gives the first value of that header; ``m.getall(name)``
+    gives every value of a repeated header (``Variable``, ``Output``...) in
+    order. Values are exactly as sent. ``raw`` is the exact bytes received.
+    """
+
+    __slots__ = ("_extra", "_follows", "_headers", "_index", "_output", "raw")
+
+    def __init__(self, raw: bytes, *, follows: bool = False) -> None:
+        self.raw = raw
+        self._follows = follows
+        self._headers: tuple[tuple[str, str], ...] | None = None
+        self._index: dict[str, str] = {}
+        self._extra: tuple[str, ...] = ()
+        self._output: tuple[str, ...] = ()
+
+    # -- parsing, on first access -------------------------------------------------
+
+    def _parse(self) -> tuple[tuple[str, str], ...]:
+        lines = _decode(self.raw).replace("\r\n", "\n").split("\n")
+        while lines and not lines[-1]:
+            lines.pop()
+        headers: list[tuple[str, str]] = []
+        extra: list[str] = []
+        if self._follows:
+            lines = self._split_follows(lines, headers)
+        for line in lines:
+            name, sep, value = line.partition(": ")
+            if sep:
+                headers.append((name, value))
+            elif line.endswith(":"):
+                headers.append((line[:-1], ""))
+            elif line:
+                extra.append(line)
+        frozen = tuple(headers)
+        # Reversed, so that the first occurrence of a repeated header wins.
+        self._index = {name.lower(): value for name, value in reversed(frozen)}
+        self._extra = tuple(extra)
+        self._headers = frozen
+        return frozen
+
+    def _split_follows(self, lines: list[str], headers: list[tuple[str, str]]) -> list[str]:
+        """Take the leading headers of a ``Response: Follows`` reply; return nothing left.
+
+        The body is raw CLI text: it may hold empty lines and ``: ``, so it
+        becomes ``output`` and is never read as headers.
+        """
+        i = 0
+        while i < len(lines):
+            name, sep, value = lines[i].partition(": ")
+            if not sep or name.lower() not in _FOLLOWS_HEADERS:
+                break
+            headers.append((name, value))
+            i += 1
+        output: list[str] = []
+        for line in lines[i:]:
+            if line.endswith(_END_COMMAND):
+                rest = line[: -len(_END_COMMAND)]
+                if rest:
+                    output.append(rest)
+                break
+            output.append(line)
+        self._output = tuple(output)
+        return []
+
+    # -- the Mapping protocol ---------------------------------------------------------
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Every header as ``(name, value)`` in the order sent, repeated ones included."""
+        headers = self._headers
+        return headers if headers is not None else self._parse()
+
+    def __getitem__(self, name: str) -> str:
+        if self._headers is None:
+            self._parse()
+        return self._index[name.lower()]
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        if self._headers is None:
+            self._parse()
+        return self._index.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        if self._headers is None:
+            self._parse()
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for name, _ in self.headers:
+            key = name.lower()
+            if key not in seen:
+                seen.add(key)
+                yield name
+
+    def __len__(self) -> int:
+        if self._headers is None:
+            self._parse()
+        return len(self._index)
+
+    def getall(self, name: str) -> list[str]:
+        """Every value of header ``name`` (any case), in the order sent."""
+        key = name.lower()
+        return [value for header, value in self.headers if header.lower() == key]
+
+    # -- what a message is ------------------------------------------------------------
+
+    @property
+    def kind(self) -> MessageKind:
+        raw = self.raw
+        if raw.startswith(b"Event: "):
+            return "event"
+        if raw.startswith(b"Response: "):
+            return "response"
+        # Unusual first header: fall back to a full parse.
+        if "event" in self:
+            return "event"
+        if "response" in self:
+            return "response"
+        return "unknown"
+
+    @property
+    def name(self) -> str:
+        """The Event name of an event, the Response value of a response, else ``""``."""
+        raw = self.raw
+        if raw.startswith(b"Event: ") or raw.startswith(b"Response: "):
+            # Fast path: the first line, without parsing the rest.
+            start = raw.index(b": ") + 2
+            end = raw.find(b"\n", start)
+            line = raw[start:end] if end >= 0 else raw[start:]
+            return _decode(line.rstrip(b"\r"))
+        return self.get("Event") or self.get("Response") or ""
+
+    @property
+    def action_id(self) -> str | None:
+        return self.get("ActionID")
+
+    @property
+    def output(self) -> list[str]:
+        """Command output lines, from ``Output:`` headers or a ``Follows`` body."""
+        self.headers  # noqa: B018 - parse on first access
+        if self._follows:
+            return list(self._output)
+        return self.getall("Output")
+
+    @property
+    def extra_lines(self) -> tuple[str, ...]:
+        """Lines that had no ``Name: value`` shape; kept, never dropped."""
+        self.headers  # noqa: B018 - parse on first access
+        return self._extra
+
+    @property
+    def text(self) -> str:
+        return _decode(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Message):
+            return self.raw == other.raw
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"<Message {self.kind} {self.name!r} {len(self.raw)} bytes>"
+
+
+class Parser:
+    """Incremental AMI framing: feed bytes as they arrive, get complete messages.
+
+    Any split of the stream gives the same messages. The buffer never holds more
+    than ``max_message_size`` bytes of one unfinished message: past that,
+    ``feed`` raises :class:`ProtocolError` and the session should be closed.
+    """
+
+    def __init__(
+        self, *, banner: bool = True, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
+        self.version: str | None = None
+        self.banner: str | None = None
+        self.max_message_size = max_message_size
+        self._expect_banner = banner
+        self._buffer = b""
+        self._broken: str | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a message not yet complete."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self._broken is not None:
+            raise ProtocolError(self._broken)
+        buf = self._buffer + data if self._buffer else bytes(data)
+        pos = 0
+        messages: list[Message] = []
+        if self._expect_banner:
+            pos = self._read_banner(buf)
+            if pos < 0:
+                self._buffer = buf
+                return messages
+        limit = self.max_message_size
+        size = len(buf)
+        follows_prefix = _FOLLOWS
+        while pos < size:
+            first = buf[pos]
+            if first == 10 or first == 13:  # stray empty line between messages
+                pos += 1
+                continue
+            if buf.startswith(follows_prefix, pos):
+                end = self._end_of_follows(buf, pos)
+                if end < 0:
+                    break
+                message = Message(buf[pos:end], follows=True)
+            else:
+                match = _END_OF_MESSAGE.search(buf, pos)
+                if match is None:
+                    break
+                end = match.end()
+                message = Message(buf[pos:end])
+            if end - pos > limit:
+                self._fail(f"message of {end - pos} bytes exceeds the limit of {limit}", messages)
+            messages.append(message)
+            pos = end
+        if size - pos > limit:
+            self._fail(
+                f"unfinished message of over {limit} bytes (no empty line ends it)", messages
+            )
+        self._buffer = buf[pos:]
+        return messages
+
+    def _read_banner(self, buf: bytes) -> int:
+        """Consume the banner line; return where messages start, or -1 to wait."""
+        newline = buf.find(b"\n")
+        if newline < 0:
+            if len(buf) > _MAX_BANNER:
+                self._fail("no AMI banner: the first line is too long")
+            return -1
+        line = buf[:newline]
+        match = _BANNER.match(line)
+        if match is None:
+            shown = _decode(line[:80]).strip()
+            self._fail(
+                f"not an AMI server: expected 'Asterisk Call Manager/<version>', got {shown!r}"
+            )
+        self.banner = _decode(line).strip()
+        self.version = _decode(match["version"])
+        self._expect_banner = False
+        return newline + 1
+
+    @staticmethod
+    def _end_of_follows(buf: bytes, pos: int) -> int:
+        marker = buf.find(_END_COMMAND_BYTES, pos)
+        if marker < 0:
+            return -1
+        match = _END_OF_MESSAGE.search(buf, marker)
+        return match.end() if match is not None else -1
+
+    def _fail(self, reason: str, messages: list[Message] | None = None) -> None:
+        self._broken = reason
+        self._buffer = b""
+        raise ProtocolError(reason, messages)
+
+
+HeaderValue = str | int | float
+HeaderValues = Mapping[str, HeaderValue | Iterable[HeaderValue] | None]
+
+
+def _check(text: str, what: str) -> str:
+    if "\r" in text or "\n" in text:
+        # Header injection: a CR or LF would let a value start a new header or
+        # end the action early.
+        raise ValueError(f"{what} {text!r} contains CR or LF, refused (AMI header injection)")
+    return text
+
+
+def encode_message(headers: Iterable[tuple[str, HeaderValue]]) -> bytes:
+    """Encode ``(name, value)`` pairs as one AMI message, CRLF line ends.
+
+    Used for actions (client side) and for responses and events (the simulator).
+    Refuses CR or LF anywhere and lines longer than Asterisk reads.
+    """
+    parts: list[str] = []
+    for name, value in headers:
+        _check(name, "header name")
+        if ":" in name or not name:
+            raise ValueError(f"header name {name!r} is empty or contains ':'")
+        text = _check(value if isinstance(value, str) else str(value), f"value of {name}")
+        line = f"{name}: {text}\r\n"
+        if len(line.encode()) > MAX_ACTION_LINE:
+            raise ValueError(
+                f"header {name} is {len(line.encode())} bytes; Asterisk reads at most "
+                f"{MAX_ACTION_LINE} bytes per line"
+            )
+        parts.append(line)
+    parts.append("\r\n")
+    return "".join(parts).encode()
+
+
+def encode_action(name: str, headers: HeaderValues | None = None, action_id: str = "") -> bytes:
+    """Encode an action; a list value becomes a repeated header, ``None`` is left out."""
+    pairs: list[tuple[str, HeaderValue]] = [("Action", name)]
+    if action_id:
+        pairs.append(("ActionID", action_id))
+    for key, value in (headers or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, str | int | float):
+            pairs.append((key, value))
+        else:
+            pairs.extend((key, item) for item in value)
+    return encode_message(pairs)
