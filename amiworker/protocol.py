@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Literal
+from typing import Literal, NoReturn
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -97,18 +97,22 @@ class Message(Mapping[str, str]):
     # -- parsing, on first access -------------------------------------------------
 
     def _parse(self) -> tuple[tuple[str, str], ...]:
-        lines = _decode(self.raw).replace("\r\n", "\n").split("\n")
+        text = _decode(self.raw)
+        lines = text.split("\r\n")
+        if text.count("\n") != len(lines) - 1:
+            # Some line ends are a bare LF: normalise, then split again.
+            lines = text.replace("\r\n", "\n").split("\n")
         while lines and not lines[-1]:
             lines.pop()
+        if self._follows:
+            lines = self._split_follows(lines)
         headers: list[tuple[str, str]] = []
         extra: list[str] = []
-        if self._follows:
-            lines = self._split_follows(lines, headers)
         for line in lines:
             name, sep, value = line.partition(": ")
             if sep:
                 headers.append((name, value))
-            elif line.endswith(":"):
+            elif line.endswith(":"):  # "Name:" with an empty value and no space
                 headers.append((line[:-1], ""))
             elif line:
                 extra.append(line)
@@ -119,21 +123,20 @@ class Message(Mapping[str, str]):
         self._headers = frozen
         return frozen
 
-    def _split_follows(self, lines: list[str], headers: list[tuple[str, str]]) -> list[str]:
-        """Take the leading headers of a ``Response: Follows`` reply; return nothing left.
+    def _split_follows(self, lines: list[str]) -> list[str]:
+        """Split a ``Response: Follows`` reply; return its header lines.
 
         The body is raw CLI text: it may hold empty lines and ``: ``, so it
         becomes ``output`` and is never read as headers.
         """
-        i = 0
-        while i < len(lines):
-            name, sep, value = lines[i].partition(": ")
+        count = 0
+        for line in lines:
+            name, sep, _ = line.partition(": ")
             if not sep or name.lower() not in _FOLLOWS_HEADERS:
                 break
-            headers.append((name, value))
-            i += 1
+            count += 1
         output: list[str] = []
-        for line in lines[i:]:
+        for line in lines[count:]:
             if line.endswith(_END_COMMAND):
                 rest = line[: -len(_END_COMMAND)]
                 if rest:
@@ -141,7 +144,7 @@ class Message(Mapping[str, str]):
                 break
             output.append(line)
         self._output = tuple(output)
-        return []
+        return lines[:count]
 
     # -- the Mapping protocol ---------------------------------------------------------
 
@@ -337,7 +340,7 @@ class Parser:
         match = _END_OF_MESSAGE.search(buf, marker)
         return match.end() if match is not None else -1
 
-    def _fail(self, reason: str, messages: list[Message] | None = None) -> None:
+    def _fail(self, reason: str, messages: list[Message] | None = None) -> NoReturn:
         self._broken = reason
         self._buffer = b""
         raise ProtocolError(reason, messages)
