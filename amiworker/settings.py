@@ -1,0 +1,486 @@
+"""Settings: one pydantic-settings model, read from four places.
+
+Highest precedence first:
+
+1. keyword arguments to :meth:`Settings.load` (the CLI passes its flags here),
+2. ``AMIWORKER_*`` environment variables,
+3. a ``.env`` file (same names as the environment variables),
+4. an optional TOML file (``--config``), top-level keys named like the fields,
+   ``[[servers]]`` tables for the PBXs.
+
+Anything a user can get wrong becomes a :class:`SettingsError` whose message
+has one line per problem, naming the setting and what is wrong with it, and
+never the value of a secret (AMI secrets, the MongoDB password).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings import SettingsError as PydanticSettingsError
+
+__all__ = [
+    "ENV_PREFIX",
+    "ServerSettings",
+    "Settings",
+    "SettingsError",
+    "redact_uri",
+]
+
+ENV_PREFIX = "AMIWORKER_"
+
+_MASK = "***"
+_MAX_ECHO = 80  # longest offending value quoted back in an error message
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# URI options whose values are credentials, e.g. tlsCertificateKeyFilePassword,
+# authMechanismProperties=AWS_SESSION_TOKEN:...
+_SECRET_OPTION = re.compile(
+    r"(?i)([?&][^=&]*(?:password|token|secret|authmechanismproperties)=)[^&]*"
+)
+
+
+class SettingsError(Exception):
+    """Invalid settings; ``str(error)`` is one line per problem, ready to print."""
+
+
+def redact_uri(uri: str) -> str:
+    """Return ``uri`` with its password (and credential options) masked.
+
+    ``mongodb://app:hunter2@db1,db2/?replicaSet=rs`` becomes
+    ``mongodb://app:***@db1,db2/?replicaSet=rs``. The user info is everything
+    before the *last* ``@``, so an unescaped ``@`` in a password is masked too.
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "", uri
+    at = rest.rfind("@")
+    if at != -1:
+        user, colon, _password = rest[:at].partition(":")
+        userinfo = f"{user}:{_MASK}" if colon else user
+        rest = f"{userinfo}@{rest[at + 1 :]}"
+    rest = _SECRET_OPTION.sub(lambda m: m.group(1) + _MASK, rest)
+    return f"{scheme}{sep}{rest}"
+
+
+class ServerSettings(BaseModel):
+    """One PBX to hold an AMI session with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=100)] = Field(
+        description="Short unique name of this PBX; stored in every event document "
+        "and part of the dedup key, so keep it stable."
+    )
+    host: Annotated[str, Field(min_length=1)] = Field(description="AMI host name or address.")
+    port: int = Field(default=5038, ge=1, le=65535, description="AMI TCP port.")
+    username: Annotated[str, Field(min_length=1)] = Field(
+        description="AMI user (manager.conf section); every worker must use the same one."
+    )
+    secret: SecretStr = Field(description="AMI secret; never logged or printed.")
+    auth: Literal["md5", "plain"] = Field(
+        default="md5",
+        description="Login with an MD5 challenge (secret never sent) or in plain text.",
+    )
+    events: Annotated[str, Field(min_length=1)] = Field(
+        default="on",
+        description="Value of the Login action's Events header: on, off, or a class list "
+        "such as 'call,system'.",
+    )
+    tls: bool = Field(default=False, description="Connect with TLS (Asterisk's tlsbindport).")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle used to verify the PBX certificate when tls is on."
+    )
+
+    @field_validator("name", "host", "username", "events", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("events", "username")
+    @classmethod
+    def _single_line(cls, value: str) -> str:
+        # These go into AMI headers: a CR or LF would inject headers.
+        if "\r" in value or "\n" in value:
+            raise ValueError("must not contain a line break")
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and not info.data.get("tls", False):
+            raise ValueError("is set but tls is false; set tls = true or remove it")
+        return value
+
+
+# The TOML file of the current Settings.load() call. pydantic-settings builds its
+# sources in a classmethod, so the path reaches it through a context variable.
+_toml_file: ContextVar[Path | None] = ContextVar("amiworker_toml_file", default=None)
+
+
+class Settings(BaseSettings):
+    """Every setting of amiworker; see the module docstring for where they come from."""
+
+    # extra="ignore": a .env file is often shared with other tools. Unknown keys
+    # in the TOML file and unknown flags are refused by load() instead.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    servers: list[ServerSettings] = Field(
+        default_factory=list,
+        description="The PBXs; every worker connects to all of them. From the environment "
+        'as JSON: AMIWORKER_SERVERS=\'[{"name":"pbx1","host":"10.0.0.5",...}]\'.',
+    )
+    mongo_uri: str = Field(
+        default="mongodb://127.0.0.1:27017",
+        description="MongoDB connection string (a replica set in production). May hold a "
+        "password; it is masked whenever printed.",
+    )
+    database: Annotated[str, Field(min_length=1, max_length=63)] = Field(
+        default="amiworker", description="MongoDB database name."
+    )
+    collection: Annotated[str, Field(min_length=1)] = Field(
+        default="events", description="Collection holding the event log."
+    )
+    driver: Literal["pymongo", "motor"] = Field(
+        default="pymongo",
+        description="MongoDB driver: PyMongo's asyncio client, or Motor (deprecated) for "
+        "handlers that already share a Motor client.",
+    )
+    workers: int = Field(default=1, ge=1, le=1024, description="Number of worker processes.")
+    handlers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["handlers"],
+        description="Handler modules to import, in order. From the environment either "
+        "comma-separated (handlers,billing) or a JSON list.",
+    )
+    app_dir: Path = Field(
+        default=Path("."),
+        description="Directory put first on sys.path to import handler modules.",
+    )
+    race: Literal["channel", "all", "none"] = Field(
+        default="channel",
+        description="Which events race through MongoDB: those of a channel (carrying a "
+        "*Uniqueid header), all, or none (every worker handles every event).",
+    )
+    batch_size: int = Field(
+        default=500, ge=1, le=100_000, description="Most events per claim (insert_many)."
+    )
+    batch_delay: float = Field(
+        default=0.005, ge=0, le=10, description="Seconds a claim batch may wait to fill."
+    )
+    handler_concurrency: int = Field(
+        default=64, ge=1, description="Handlers running at once per worker."
+    )
+    handler_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a handler may run before it counts as failed."
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="Runs of a failing handler before its event is dead."
+    )
+    retry_backoff: float = Field(
+        default=1.0,
+        ge=0,
+        description="Seconds before the first retry; doubles with every further attempt.",
+    )
+    heartbeat_interval: float = Field(
+        default=2.0, gt=0, description="Seconds between a worker's heartbeats."
+    )
+    lease: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds without a heartbeat after which a worker counts as dead and "
+        "its claimed events are taken over. Must exceed 2 * heartbeat_interval.",
+    )
+    buffer_size: int = Field(
+        default=100_000,
+        ge=1,
+        description="Events held in memory while MongoDB is unreachable; beyond it they "
+        "are dropped, counted and logged.",
+    )
+    event_queue_size: int = Field(
+        default=10_000, ge=1, description="Bound of the queue between AMI readers and MongoDB."
+    )
+    reconnect_min: float = Field(
+        default=0.5, gt=0, description="First AMI reconnect delay in seconds."
+    )
+    reconnect_max: float = Field(
+        default=30.0, gt=0, description="Largest AMI reconnect delay in seconds."
+    )
+    connect_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds to connect and log in to a PBX."
+    )
+    action_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to wait for the response to an AMI action."
+    )
+    ping_interval: float = Field(
+        default=10.0, gt=0, description="Seconds between keepalive Pings on an idle session."
+    )
+    ping_timeout: float = Field(
+        default=5.0, gt=0, description="Seconds without a Ping reply before the session is dead."
+    )
+    max_message_size: int = Field(
+        default=1_048_576, ge=1024, description="Largest AMI message accepted, in bytes."
+    )
+    dedup_window: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds within which byte-identical events of one PBX are told apart "
+        "by their occurrence number (see the dedup key in DESIGN.md).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Log level."
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve metrics on this port; off when unset."
+    )
+    ttl_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Delete events this many days after they were received (TTL index); "
+        "keep forever when unset.",
+    )
+    shutdown_timeout: float = Field(
+        default=10.0, ge=0, description="Seconds running handlers get to finish on stop."
+    )
+
+    # -- validation -------------------------------------------------------
+
+    @field_validator("servers")
+    @classmethod
+    def _unique_server_names(cls, servers: list[ServerSettings]) -> list[ServerSettings]:
+        seen: set[str] = set()
+        for server in servers:
+            if server.name in seen:
+                raise ValueError(f"server name {server.name!r} is used twice; names must be unique")
+            seen.add(server.name)
+        return servers
+
+    @field_validator("mongo_uri")
+    @classmethod
+    def _mongo_scheme(cls, uri: str) -> str:
+        uri = uri.strip()
+        if not uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise ValueError("must start with mongodb:// or mongodb+srv://")
+        return uri
+
+    @field_validator("handlers", mode="before")
+    @classmethod
+    def _split_handlers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"is not a valid JSON list ({exc.msg})") from None
+            return [part for part in text.split(",")]
+        return value
+
+    @field_validator("handlers")
+    @classmethod
+    def _module_names(cls, names: list[str]) -> list[str]:
+        cleaned = [name.strip() for name in names if name.strip()]
+        for name in cleaned:
+            if not _MODULE_NAME.match(name):
+                raise ValueError(f"{name!r} is not a Python module name")
+        return cleaned
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_covers_heartbeats(cls, lease: float, info: ValidationInfo) -> float:
+        interval = info.data.get("heartbeat_interval")
+        if interval is not None and lease <= 2 * interval:
+            raise ValueError(
+                f"must exceed 2 * heartbeat_interval ({2 * interval:g}s), or live workers "
+                "would be taken for dead"
+            )
+        return lease
+
+    @field_validator("reconnect_max")
+    @classmethod
+    def _max_above_min(cls, maximum: float, info: ValidationInfo) -> float:
+        minimum = info.data.get("reconnect_min")
+        if minimum is not None and maximum < minimum:
+            raise ValueError(f"must be at least reconnect_min ({minimum:g})")
+        return maximum
+
+    # -- sources ------------------------------------------------------------
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        toml_file = _toml_file.get()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | str | None = None,
+        *,
+        env_file: Path | str | None = ".env",
+        **overrides: Any,
+    ) -> Settings:
+        """Build the settings from every source, or raise :class:`SettingsError`.
+
+        ``overrides`` are the CLI flags (highest precedence); ``None`` values are
+        dropped so an unset flag falls through to the other sources. ``env_file``
+        is the ``.env`` path (relative to the current directory), ``None`` for none.
+        """
+        unknown = sorted(set(overrides) - set(cls.model_fields))
+        if unknown:
+            raise SettingsError("\n".join(f"unknown setting {name!r}" for name in unknown))
+        flags = {name: value for name, value in overrides.items() if value is not None}
+        toml_path = _check_config_file(Path(config_file)) if config_file is not None else None
+        token = _toml_file.set(toml_path)
+        try:
+            # _env_file is a BaseSettings init option mypy cannot see through pydantic.
+            init_kwargs: dict[str, Any] = {"_env_file": env_file, **flags}
+            return cls(**init_kwargs)
+        except ValidationError as exc:
+            raise SettingsError(format_validation_error(exc)) from None
+        except PydanticSettingsError as exc:
+            raise SettingsError(_format_source_error(exc)) from None
+        finally:
+            _toml_file.reset(token)
+
+    def require_servers(self) -> None:
+        """Raise :class:`SettingsError` unless at least one PBX is configured."""
+        if not self.servers:
+            raise SettingsError(
+                "no PBX configured: set AMIWORKER_SERVERS (JSON list) or add [[servers]] "
+                "tables to the config file"
+            )
+
+    # -- printing -------------------------------------------------------------
+
+    def redacted(self) -> dict[str, Any]:
+        """All settings as JSON-friendly data, secrets and the URI password masked."""
+        data = self.model_dump(mode="json")
+        data["mongo_uri"] = redact_uri(self.mongo_uri)
+        for server in data["servers"]:
+            server["secret"] = _MASK
+        return data
+
+    def describe(self) -> str:
+        """The settings as ``name = value`` lines, for ``amiworker config``."""
+        lines = []
+        for name, value in self.redacted().items():
+            lines.append(f"{name} = {json.dumps(value)}")
+        return "\n".join(lines)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # The default repr would print mongo_uri, password included.
+        for name, value in super().__repr_args__():
+            yield name, redact_uri(value) if name == "mongo_uri" else value
+
+
+def _check_config_file(path: Path) -> Path:
+    """Refuse a missing or unparsable TOML file with a one-line message."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SettingsError(f"config file {path} cannot be read: {reason}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise SettingsError(
+            "\n".join(f"unknown setting {name!r} in config file {path}" for name in unknown)
+        )
+    return path
+
+
+def _is_sensitive(loc: tuple[int | str, ...]) -> bool:
+    return any(isinstance(part, str) and "secret" in part.lower() for part in loc)
+
+
+def _echo(loc: tuple[int | str, ...], value: Any) -> str:
+    """The offending value as it may be shown, or '' when it must not be."""
+    if _is_sensitive(loc) or not isinstance(value, str | int | float | bool):
+        return ""  # secrets, and whole objects that may contain them
+    if loc and loc[0] == "mongo_uri" and isinstance(value, str):
+        value = redact_uri(value)
+    text = repr(value)
+    if len(text) > _MAX_ECHO:
+        text = text[: _MAX_ECHO - 3] + "..."
+    return f" (got {text})"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per error: ``invalid setting servers.0.port: <problem> (got 'abc')``."""
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        name = ".".join(str(part) for part in loc) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "is required but not set"
+            got = ""
+        elif error["type"] == "extra_forbidden":
+            message = "is not a known setting"
+            got = ""
+        else:
+            got = _echo(loc, error.get("input"))
+        lines.append(f"invalid setting {name}: {message}{got}")
+    return "\n".join(lines)
+
+
+def _format_source_error(exc: PydanticSettingsError) -> str:
+    # pydantic-settings says 'error parsing value for field "servers" from source
+    # "EnvSettingsSource"' and chains the JSON error; neither holds the value.
+    match = re.search(r'field "([^"]+)" from source "([^"]+)"', str(exc))
+    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    if match is None:
+        return f"invalid settings: {exc}{cause}"
+    field, source = match.groups()
+    where = {
+        "EnvSettingsSource": f"environment variable {ENV_PREFIX}{field.upper()}",
+        "DotEnvSettingsSource": f".env entry {ENV_PREFIX}{field.upper()}",
+    }.get(source, source)
+    return f"invalid setting {field}: {where} is not valid JSON{cause}"
