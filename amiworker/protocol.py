@@ -237,6 +237,11 @@ class Message(Mapping[str, str]):
     def text(self) -> str:
         return _decode(self.raw)
 
+    @classmethod
+    def from_headers(cls, headers: Iterable[tuple[str, HeaderValue]]) -> Message:
+        """Build a message from ``(name, value)`` pairs (e.g. rebuilt from a stored event)."""
+        return cls(_encode(headers, max_line=None))
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Message):
             return self.raw == other.raw
@@ -358,12 +363,7 @@ def _check(text: str, what: str) -> str:
     return text
 
 
-def encode_message(headers: Iterable[tuple[str, HeaderValue]]) -> bytes:
-    """Encode ``(name, value)`` pairs as one AMI message, CRLF line ends.
-
-    Used for actions (client side) and for responses and events (the simulator).
-    Refuses CR or LF anywhere and lines longer than Asterisk reads.
-    """
+def _encode(headers: Iterable[tuple[str, HeaderValue]], max_line: int | None) -> bytes:
     parts: list[str] = []
     for name, value in headers:
         _check(name, "header name")
@@ -371,14 +371,23 @@ def encode_message(headers: Iterable[tuple[str, HeaderValue]]) -> bytes:
             raise ValueError(f"header name {name!r} is empty or contains ':'")
         text = _check(value if isinstance(value, str) else str(value), f"value of {name}")
         line = f"{name}: {text}\r\n"
-        if len(line.encode()) > MAX_ACTION_LINE:
+        if max_line is not None and len(line.encode()) > max_line:
             raise ValueError(
                 f"header {name} is {len(line.encode())} bytes; Asterisk reads at most "
-                f"{MAX_ACTION_LINE} bytes per line"
+                f"{max_line} bytes per line"
             )
         parts.append(line)
     parts.append("\r\n")
     return "".join(parts).encode()
+
+
+def encode_message(headers: Iterable[tuple[str, HeaderValue]]) -> bytes:
+    """Encode ``(name, value)`` pairs as one AMI message, CRLF line ends.
+
+    Used for actions (client side) and for responses and events (the simulator).
+    Refuses CR or LF anywhere and lines longer than Asterisk reads.
+    """
+    return _encode(headers, MAX_ACTION_LINE)
 
 
 def encode_action(name: str, headers: HeaderValues | None = None, action_id: str = "") -> bytes:
