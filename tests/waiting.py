@@ -10,11 +10,14 @@ from collections.abc import Awaitable, Callable
 
 async def wait_for(
     predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float = 5.0,
+    timeout: float = 5.0,  # noqa: ASYNC109 - the deadline is the point of this helper
     what: str = "condition",
     interval: float = 0.01,
 ) -> None:
-    """Poll ``predicate`` every ``interval`` s until true; AssertionError naming ``what`` after ``timeout`` s."""
+    """Poll ``predicate`` (sync or async) every ``interval`` s until it is true.
+
+    Raises AssertionError naming ``what`` once ``timeout`` s have passed.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
