@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.mongo_plugin"]
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
