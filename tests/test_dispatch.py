@@ -62,9 +62,7 @@ def context() -> HandlerContext:
 # -- discovery ----------------------------------------------------------------------------
 
 
-def test_event_names_match_without_regard_to_case(
-    app_dir: Path, write_module: WriteModule
-) -> None:
+def test_event_names_match_without_regard_to_case(app_dir: Path, write_module: WriteModule) -> None:
     name = write_module(
         """
         def NewconnectedlineHandler(ctx, event): ...
@@ -177,9 +175,7 @@ def test_missing_dependency_names_the_importing_line(
 ) -> None:
     name = write_module("\nimport requests_that_are_not_installed\n")
     message = import_error(app_dir, name)
-    assert (
-        "ModuleNotFoundError: No module named 'requests_that_are_not_installed' (" in message
-    )
+    assert "ModuleNotFoundError: No module named 'requests_that_are_not_installed' (" in message
     assert f"{name}.py:2)" in message
 
 
