@@ -1,0 +1,457 @@
+"""Replies of the simulated PBX to AMI actions, shaped as Asterisk sends them.
+
+Header names, their order and the ``Message:`` texts are copied from
+``tests/fixtures/asterisk22-actions.txt`` (Asterisk 22.10.1) where the capture
+has them, and from Asterisk's manager.c, chan_sip.c and chan_iax2.c where it
+does not. Login, Logoff, Challenge and the ``Sim*`` control actions live in
+:mod:`amiworker.sim_session`, with the rest of the session's life.
+
+Every handler writes its reply first and raises the events that follow from
+it (VarSet, UserEvent, a call's events) afterwards, the order Asterisk shows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from amiworker.sim_calls import NORMAL_CLEARING, OriginateRequest, timestamp
+from amiworker.sim_cli import run_cli
+from amiworker.sim_data import IAX_PEERS, LIST_COMMANDS, SIP_PEERS, ConfigFile
+from amiworker.sim_wire import Action, ack, error, item, list_ack, list_complete, response
+
+if TYPE_CHECKING:
+    from amiworker.sim_session import AMISession
+    from amiworker.simulator import FakePBX
+
+Handler = Callable[["FakePBX", "AMISession", Action], Awaitable[None]]
+HANDLERS: dict[str, Handler] = {}
+
+
+def _action(name: str) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        HANDLERS[name.lower()] = handler
+        return handler
+
+    return register
+
+
+@_action("Ping")
+async def _ping(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    s.reply(response(a, "Success", ("Ping", "Pong"), ("Timestamp", timestamp())))
+
+
+@_action("Events")
+async def _events(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    s.set_event_mask(a.get("EventMask"))
+    s.reply(response(a, "Success", ("Events", "Off" if s.event_mask == frozenset() else "On")))
+
+
+@_action("Command")
+async def _command(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    command = a.get("Command")
+    if not command:
+        s.reply(error(a, "No command provided"))
+        return
+    if command.split()[:2] in (["module", "load"], ["module", "unload"]):
+        s.reply(error(a, "Command blacklisted"))
+        return
+    ok, lines = run_cli(pbx, command)
+    if pbx.legacy:
+        # Asterisk <= 13 (manager.c action_command): the raw CLI text, then a marker.
+        head = "Response: Follows\r\nPrivilege: Command\r\n"
+        if a.action_id:
+            head += f"ActionID: {a.action_id}\r\n"
+        body = "".join(f"{line}\n" for line in lines)
+        s.reply(f"{head}{body}--END COMMAND--\r\n\r\n".encode())
+        return
+    s.reply(
+        response(
+            a,
+            "Success" if ok else "Error",
+            ("Message", "Command output follows"),
+            *(("Output", line) for line in lines),
+        )
+    )
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@_action("CoreShowChannels")
+async def _core_show_channels(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    s.reply(list_ack(a, "Channels will follow"))
+    channels = list(pbx.engine.channels.values())
+    for chan in channels:
+        s.reply(
+            item(
+                a,
+                "CoreShowChannel",
+                chan.snapshot()
+                + f"Application: {chan.application}\r\nApplicationData: {chan.app_data}\r\n"
+                + f"Duration: {_duration(chan.age())}\r\nBridgeId: \r\n",
+            )
+        )
+    s.reply(list_complete(a, "CoreShowChannelsComplete", len(channels)))
+
+
+@_action("Status")
+async def _status(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    wanted = a.get("Channel")
+    channels = list(pbx.engine.channels.values())
+    if wanted:
+        channels = [chan for chan in channels if chan.name == wanted]
+        if not channels:
+            s.reply(error(a, "No such channel"))
+            return
+    variables = [name.strip() for name in a.get("Variables").split(",") if name.strip()]
+    s.reply(list_ack(a, "Channel status will follow"))
+    action_id = f"ActionID: {a.action_id}\r\n" if a.action_id else ""
+    for chan in channels:
+        # manager.c action_status: "Privilege: Call" and the ActionID last, unlike other lists.
+        values = "".join(
+            f"Variable: {name}={chan.variables.get(name, '')}\r\n" for name in variables
+        )
+        s.reply(
+            (
+                "Event: Status\r\nPrivilege: Call\r\n"
+                + chan.snapshot()
+                + "Type: Local\r\nDNID: \r\n"
+                + f"EffectiveConnectedLineNum: {chan.conn_num}\r\n"
+                + f"EffectiveConnectedLineName: {chan.conn_name}\r\n"
+                + "TimeToHangup: 0\r\nBridgeID: \r\n"
+                + f"Application: {chan.application}\r\nData: {chan.app_data}\r\n"
+                + "Nativeformats: (slin)\r\nReadformat: slin\r\nReadtrans: \r\n"
+                + "Writeformat: slin\r\nWritetrans: \r\nCallgroup: 0\r\nPickupgroup: 0\r\n"
+                + f"Seconds: {chan.age()}\r\n{values}{action_id}\r\n"
+            ).encode()
+        )
+    s.reply(list_complete(a, "StatusComplete", len(channels), f"Items: {len(channels)}\r\n"))
+
+
+@_action("CoreStatus")
+async def _core_status(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    started = time.gmtime(pbx.started_at)
+    date, clock = time.strftime("%Y-%m-%d", started), time.strftime("%H:%M:%S", started)
+    s.reply(
+        response(
+            a,
+            "Success",
+            ("CoreStartupDate", date),
+            ("CoreStartupTime", clock),
+            ("CoreReloadDate", date),
+            ("CoreReloadTime", clock),
+            ("CoreCurrentCalls", str(len(pbx.engine.channels))),
+            ("CoreProcessedCalls", str(2 * pbx.engine.calls_started)),
+        )
+    )
+
+
+@_action("CoreSettings")
+async def _core_settings(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    s.reply(
+        response(
+            a,
+            "Success",
+            ("AMIversion", pbx.ami_version),
+            ("AsteriskVersion", pbx.asterisk_version),
+            ("SystemName", ""),
+            ("CoreMaxCalls", "0"),
+            ("CoreMaxLoadAvg", "0.000000"),
+            ("CoreRunUser", ""),
+            ("CoreRunGroup", ""),
+            ("CoreMaxFilehandles", "8192"),
+            ("CoreRealTimeEnabled", "No"),
+            ("CoreCDRenabled", "Yes"),
+            ("CoreHTTPenabled", "No"),
+            ("SoundsSearchCustomDir", "No"),
+        )
+    )
+
+
+def _config(pbx: FakePBX, s: AMISession, a: Action) -> ConfigFile | None:
+    filename = a.get("Filename")
+    if not filename:
+        s.reply(error(a, "Filename not specified"))
+        return None
+    config = pbx.config_file(filename)
+    if config is None:
+        s.reply(error(a, "Config file not found"))
+        return None
+    category = a.get("Category")
+    return [(name, lines) for name, lines in config if not category or name == category]
+
+
+@_action("GetConfig")
+async def _get_config(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    config = _config(pbx, s, a)
+    if config is None:
+        return
+    lines: list[tuple[str, str]] = []
+    for n, (category, variables) in enumerate(config):
+        lines.append((f"Category-{n:06d}", category))
+        lines.extend(
+            (f"Line-{n:06d}-{i:06d}", f"{name}={value}")
+            for i, (name, value) in enumerate(variables)
+        )
+    body = response(a, "Success", *lines)
+    if a.get("Category") and not config:
+        body = body[:-2] + b"No categories found\r\n\r\n"
+    s.reply(body)
+
+
+def _json(text: str) -> str:
+    # astman_append_json escapes only backslash and double quote.
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+@_action("GetConfigJSON")
+async def _get_config_json(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    config = _config(pbx, s, a)
+    if config is None:
+        return
+    # Not json.dumps: Asterisk keeps repeated names ("exten", "same") as repeated keys.
+    text = ",".join(
+        f'"{_json(category)}":{{'
+        + ",".join(f'"{_json(name)}":"{_json(value)}"' for name, value in variables)
+        + "}"
+        for category, variables in config
+    )
+    s.reply(response(a, "Success", ("JSON", "{" + text + "}")))
+
+
+@_action("ListCommands")
+async def _list_commands(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    s.reply(response(a, "Success", *LIST_COMMANDS))
+
+
+@_action("QueueStatus")
+async def _queue_status(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    wanted = a.get("Queue")
+    s.reply(list_ack(a, "Queue status will follow"))
+    count = 0
+    if not wanted or wanted == "testq":
+        count = 1
+        params = (
+            "Queue: testq\r\nMax: 0\r\nStrategy: ringall\r\nCalls: 0\r\nHoldtime: 0\r\n"
+            "TalkTime: 0\r\nCompleted: 0\r\nAbandoned: 0\r\nServiceLevel: 0\r\n"
+            "ServicelevelPerf: 0.0\r\nServicelevelPerf2: 0.0\r\nWeight: 0\r\n"
+        )
+        action_id = f"ActionID: {a.action_id}\r\n" if a.action_id else ""
+        s.reply(f"Event: QueueParams\r\n{params}{action_id}\r\n".encode())
+    s.reply(list_complete(a, "QueueStatusComplete", count))
+
+
+@_action("DBPut")
+async def _db_put(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    family, key = a.get("Family"), a.get("Key")
+    if not family:
+        s.reply(error(a, "No family specified"))
+    elif not key:
+        s.reply(error(a, "No key specified"))
+    else:
+        pbx.astdb[(family, key)] = a.get("Val")
+        s.reply(ack(a, "Updated database successfully"))
+
+
+@_action("DBGet")
+async def _db_get(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    family, key = a.get("Family"), a.get("Key")
+    if not family:
+        s.reply(error(a, "No family specified."))
+        return
+    if not key:
+        s.reply(error(a, "No key specified."))
+        return
+    value = pbx.astdb.get((family, key))
+    if value is None:
+        s.reply(error(a, "Database entry not found"))
+        return
+    s.reply(list_ack(a, "Result will follow"))
+    action_id = f"ActionID: {a.action_id}\r\n" if a.action_id else ""
+    body = f"Family: {family}\r\nKey: {key}\r\nVal: {value}\r\n{action_id}"
+    s.reply(f"Event: DBGetResponse\r\n{body}\r\n".encode())
+    s.reply(list_complete(a, "DBGetComplete", 1))
+
+
+@_action("UserEvent")
+async def _user_event(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    name = a.get("UserEvent")
+    if not name:
+        s.reply(error(a, "UserEvent needs a name"))
+        return
+    s.reply(ack(a, "Event Sent"))
+    # Every header but Action and UserEvent is passed on, ActionID included, in order.
+    body = "".join(
+        f"{header}: {value}\r\n"
+        for header, value in a.headers
+        if header.lower() not in ("action", "userevent")
+    )
+    pbx.engine.emit("UserEvent", "user,all", f"UserEvent: {name}\r\n{body}")
+
+
+@_action("Setvar")
+async def _setvar(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    channel, name = a.get("Channel") or None, a.get("Variable")
+    if not name:
+        s.reply(error(a, "No variable specified"))
+    elif channel is not None and channel not in pbx.engine.channels:
+        s.reply(error(a, "No such channel"))
+    else:
+        s.reply(ack(a, "Variable Set"))
+        pbx.engine.set_variable(channel, name, a.get("Value"))
+
+
+@_action("Getvar")
+async def _getvar(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    channel, name = a.get("Channel") or None, a.get("Variable")
+    if not name:
+        s.reply(error(a, "No variable specified"))
+    elif channel is not None and channel not in pbx.engine.channels:
+        s.reply(error(a, "No such channel"))
+    else:
+        value = pbx.engine.get_variable(channel, name) or ""
+        s.reply(response(a, "Success", ("Variable", name), ("Value", value)))
+
+
+@_action("Hangup")
+async def _hangup(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    channel = a.get("Channel")
+    cause = a.get("Cause")
+    if not channel:
+        s.reply(error(a, "No channel specified"))
+    elif channel not in pbx.engine.channels:
+        s.reply(error(a, "No such channel"))
+    else:
+        s.reply(ack(a, "Channel Hungup"))
+        pbx.engine.hangup(channel, int(cause) if cause.isdigit() else NORMAL_CLEARING)
+
+
+@_action("Redirect")
+async def _redirect(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    channel, context = a.get("Channel"), a.get("Context")
+    exten, priority = a.get("Exten"), a.get("Priority")
+    for value, what in ((channel, "Channel"), (context, "Context"), (exten, "Exten")):
+        if not value:
+            s.reply(error(a, f"{what} not specified"))
+            return
+    if not priority:
+        s.reply(error(a, "Priority not specified"))
+    elif not priority.isdigit() or int(priority) < 1:
+        s.reply(error(a, "Priority is invalid"))
+    elif channel not in pbx.engine.channels:
+        s.reply(error(a, f"Channel does not exist: {channel}"))
+    else:
+        s.reply(ack(a, "Redirect successful"))
+        pbx.engine.redirect(channel, context, exten, int(priority))
+
+
+@_action("ExtensionState")
+async def _extension_state(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    exten, context = a.get("Exten"), a.get("Context") or "default"
+    hint = pbx.engine.dialplan.hints.get((context, exten), "")
+    status = -1
+    if hint:
+        busy = any(chan.device == hint for chan in pbx.engine.channels.values())
+        status = 1 if busy else 0
+    text = {-1: "Unknown", 0: "Idle", 1: "InUse"}[status]
+    s.reply(
+        response(
+            a,
+            "Success",
+            ("Message", "Extension Status"),
+            ("Exten", exten),
+            ("Context", context),
+            ("Hint", hint),
+            ("Status", str(status)),
+            ("StatusText", text),
+        )
+    )
+
+
+@_action("Originate")
+async def _originate(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    channel = a.get("Channel")
+    if not channel:
+        s.reply(error(a, "Channel not specified"))
+        return
+    if "/" not in channel:
+        s.reply(error(a, "Invalid channel"))
+        return
+    priority = a.get("Priority") or "1"
+    if not priority.isdigit():
+        s.reply(error(a, "Invalid priority"))
+        return
+    variables: list[tuple[str, str]] = []
+    for header in a.getall("Variable"):
+        for assignment in header.split(","):
+            name, _, value = assignment.partition("=")
+            if name.strip():
+                variables.append((name.strip(), value))
+    request = OriginateRequest(
+        channel=channel,
+        # An Application originate is not simulated: no such extension, so it fails.
+        context=a.get("Context") or "default",
+        exten=a.get("Exten") if not a.get("Application") else "",
+        priority=int(priority),
+        variables=variables,
+        caller_id=a.get("CallerID") or None,
+        action_id=a.action_id or None,
+        channel_id=a.get("ChannelId") or None,
+        other_channel_id=a.get("OtherChannelId") or None,
+        async_=a.get("Async").lower() in ("yes", "true", "y", "t", "1", "on"),
+    )
+    if request.async_:
+        s.reply(ack(a, "Originate successfully queued"))
+        pbx.engine.originate(request)
+        return
+    # A synchronous Originate answers once the channel is up, or fails.
+    answered = pbx.engine.originate(
+        request, on_answer=lambda: s.reply(ack(a, "Originate successfully queued"))
+    )
+    if answered is None:
+        s.reply(error(a, "Originate failed"))
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+@_action("SIPpeers")
+async def _sip_peers(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    # chan_sip is gone from Asterisk 21+; the shapes are those of Asterisk 13's chan_sip.c.
+    s.reply(list_ack(a, "Peer status list will follow"))
+    for peer in SIP_PEERS:
+        s.reply(
+            item(
+                a,
+                "PeerEntry",
+                f"Channeltype: SIP\r\nObjectName: {peer.name}\r\nChanObjectType: peer\r\n"
+                f"IPaddress: {peer.address}\r\nIPport: {peer.port}\r\n"
+                f"Dynamic: {_yes_no(peer.dynamic)}\r\nAutoForcerport: no\r\nForcerport: yes\r\n"
+                "AutoComedia: no\r\nComedia: yes\r\nVideoSupport: no\r\nTextSupport: no\r\n"
+                f"ACL: no\r\nStatus: {peer.status}\r\nRealtimeDevice: no\r\nDescription: \r\n",
+            )
+        )
+    s.reply(list_complete(a, "PeerlistComplete", len(SIP_PEERS)))
+
+
+@_action("IAXpeerlist")
+async def _iax_peer_list(pbx: FakePBX, s: AMISession, a: Action) -> None:
+    s.reply(list_ack(a, "IAX Peer status list will follow"))
+    for peer in IAX_PEERS:
+        username = f"ObjectUsername: {peer.username}\r\n" if peer.username else ""
+        s.reply(
+            item(
+                a,
+                "PeerEntry",
+                f"Channeltype: IAX\r\nObjectName: {peer.name}\r\n{username}"
+                f"ChanObjectType: peer\r\nIPaddress: {peer.address}\r\nMask: {peer.mask}\r\n"
+                f"Port: {peer.port}\r\nDynamic: {_yes_no(peer.dynamic)}\r\n"
+                f"Trunk: {_yes_no(peer.trunk)}\r\nEncryption: no\r\nStatus: {peer.status}\r\n"
+                "Description: \r\n",
+            )
+        )
+    s.reply(list_complete(a, "PeerlistComplete", len(IAX_PEERS)))
