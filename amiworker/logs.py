@@ -1,0 +1,91 @@
+"""Logging: text or JSON lines, every line with the worker id and, where it applies, the PBX.
+
+The PBX comes from ``extra={"server": name}`` or, in code that serves one PBX,
+from the :data:`current_server` context variable. As a last line of defence,
+every secret registered with :func:`register_secret` is masked in every line,
+whatever code formatted it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+__all__ = ["configure", "current_server", "register_secret", "set_worker_id"]
+
+current_server: ContextVar[str] = ContextVar("amiworker_server", default="-")
+
+_worker_id = "-"
+_secrets: set[str] = set()
+_MASK = "***"
+
+
+def set_worker_id(worker_id: str) -> None:
+    global _worker_id
+    _worker_id = worker_id
+
+
+def register_secret(secret: str | None) -> None:
+    """Mask ``secret`` wherever it would appear in a log line."""
+    # Very short values would mask ordinary words; settings require real secrets.
+    if secret and len(secret) >= 4:
+        _secrets.add(secret)
+
+
+def _scrub(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, _MASK)
+    return text
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = _worker_id
+        if not hasattr(record, "server"):
+            record.server = current_server.get()
+        return True
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)-7s [%(worker)s] [%(server)s] %(name)s: %(message)s"
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _scrub(super().format(record))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "worker": getattr(record, "worker", _worker_id),
+            "server": getattr(record, "server", "-"),
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return _scrub(json.dumps(entry, ensure_ascii=False))
+
+
+def configure(level: str = "INFO", fmt: str = "text", worker_id: str | None = None) -> None:
+    """Send amiworker's logs (and warnings from libraries) to stderr."""
+    if worker_id is not None:
+        set_worker_id(worker_id)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context())
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("amiworker").setLevel(level)
+    logging.getLogger("handlers").setLevel(level)

@@ -1,0 +1,94 @@
+"""Recording what became of each handler run: done (acks, batched) or failed.
+
+Acks are the most frequent write after claims, so they are sent as one
+``update_many`` per batch instead of one update per event. Failures are rare
+and each needs its own attempt count, so they are written one by one.
+While MongoDB is unreachable, outcomes wait here and are retried: an event
+left ``claimed`` is not lost either way (a live worker reclaims it if this one
+dies), but a needless re-run is avoided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from amiworker.dispatch import describe_exception
+from amiworker.scheduler import Job
+from amiworker.settings import Settings
+from amiworker.stats import WorkerStats
+
+if TYPE_CHECKING:
+    from amiworker.store import EventStore
+
+__all__ = ["Outcomes"]
+
+log = logging.getLogger("amiworker.outcomes")
+
+_FLUSH_DELAY = 0.01
+_RETRY_DELAY = 0.5
+
+
+class Outcomes:
+    def __init__(self, store: EventStore, settings: Settings, stats: WorkerStats) -> None:
+        self._store = store
+        self._settings = settings
+        self._stats = stats
+        self._acks: list[str] = []
+        self._failures: list[tuple[str, str]] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def record(self, job: Job, error: BaseException | None) -> None:
+        """Called by the scheduler when every handler of ``job`` has run."""
+        if error is None:
+            self._stats.handled += 1
+        else:
+            self._stats.failed += 1
+        if job.key is None:
+            return  # a local event: nothing stored to update
+        if error is None:
+            self._acks.append(job.key)
+        else:
+            self._failures.append((job.key, describe_exception(error)))
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        from amiworker.store import StoreUnavailable
+
+        while True:
+            if not self._acks and not self._failures:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await asyncio.sleep(_FLUSH_DELAY)
+            try:
+                await self._flush()
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    log.error("could not record %d outcome(s): %s", len(self._acks), exc)
+                    return
+                log.debug("outcomes not recorded yet: %s", exc)
+                await asyncio.sleep(_RETRY_DELAY)
+
+    async def _flush(self) -> None:
+        acks, self._acks = self._acks, []
+        try:
+            if acks:
+                await self._store.ack_many(acks)
+        except BaseException:
+            self._acks[:0] = acks
+            raise
+        while self._failures:
+            key, error = self._failures[0]
+            await self._store.fail(
+                key, error, self._settings.max_attempts, self._settings.retry_backoff
+            )
+            self._failures.pop(0)

@@ -1,0 +1,24 @@
+"""A worker's counters: reported in its heartbeat, by `amiworker status`, and as metrics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Monotonic counts since the worker started."""
+
+    events_seen: int = 0  # events read from every PBX, own-action replies excluded
+    races_won: int = 0  # claims this worker inserted first
+    races_lost: int = 0  # claims another worker had inserted (duplicate key)
+    local: int = 0  # events that do not race, handled here as in every worker
+    handled: int = 0  # handler runs that finished
+    failed: int = 0  # handler runs that raised or timed out
+    reclaimed: int = 0  # events taken over from a dead worker, or retried
+    dropped: int = 0  # events lost because the buffer was full while MongoDB was away
+    claim_batches: int = 0
+    store_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

@@ -1,0 +1,255 @@
+"""One worker process: AMI sessions -> claims -> handlers -> outcomes.
+
+The data path runs one way::
+
+    ServerPool (a reader task per PBX, never waits)
+        -> on_event: race or handle here
+        -> Claimer (bounded buffer, insert_many batches)     -> winners
+        -> HandlerScheduler (ordered per call, bounded)       -> outcome
+        -> Outcomes (acks batched, failures recorded)
+
+Beside it run the heartbeat (so others can tell this worker is alive) and the
+reclaim loop (taking over the events of workers whose heartbeat expired, and
+retrying failed events when their backoff has passed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from amiworker import logs
+from amiworker.claims import Claimer, Pending
+from amiworker.dedup import races
+from amiworker.dispatch import HandlerContext, HandlerImportError, HandlerRegistry, load_handlers
+from amiworker.documents import DONE, event_document, message_from_document
+from amiworker.outcomes import Outcomes
+from amiworker.pool import ServerPool
+from amiworker.protocol import Message
+from amiworker.scheduler import HandlerScheduler, Job
+from amiworker.settings import Settings
+from amiworker.stats import WorkerStats
+from amiworker.store import EventStore, StoreUnavailable
+
+__all__ = ["Worker", "new_worker_id", "run_worker_process"]
+
+log = logging.getLogger("amiworker.worker")
+
+
+def new_worker_id(index: int | None = None) -> str:
+    """Unique across hosts and restarts: host, pid, and a random suffix (pids get reused)."""
+    suffix = uuid.uuid4().hex[:6]
+    slot = f"w{index}-" if index is not None else ""
+    return f"{socket.gethostname()}-{slot}{os.getpid()}-{suffix}"
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: HandlerRegistry,
+        *,
+        worker_id: str | None = None,
+        store: EventStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.stats = WorkerStats()
+        self.registry = registry
+        self.store = store or EventStore.from_settings(settings, self.worker_id)
+        self.pool = ServerPool(
+            settings.servers,
+            on_event=self._on_event,
+            reconnect_min=settings.reconnect_min,
+            reconnect_max=settings.reconnect_max,
+            timeout=settings.connect_timeout,
+            action_timeout=settings.action_timeout,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            event_queue_size=settings.event_queue_size,
+            max_message_size=settings.max_message_size,
+        )
+        self.claimer = Claimer(
+            self.store,
+            build_document=self._document,
+            on_won=self._on_won,
+            unavailable=StoreUnavailable,
+            stats=self.stats,
+            dedup_window=settings.dedup_window,
+            batch_size=settings.batch_size,
+            batch_delay=settings.batch_delay,
+            buffer_size=settings.buffer_size,
+        )
+        self.outcomes = Outcomes(self.store, settings, self.stats)
+        self.scheduler = HandlerScheduler(
+            registry,
+            self._context,
+            concurrency=settings.handler_concurrency,
+            timeout=settings.handler_timeout,
+            on_finished=self.outcomes.record,
+        )
+        self.started_at = datetime.now(UTC)
+        self._stop = asyncio.Event()
+
+    # -- the hot path: called by the AMI reader, must never wait -------------------------
+
+    def _on_event(self, server: str, message: Message) -> None:
+        if message.kind != "event":
+            return
+        self.stats.events_seen += 1
+        now = time.monotonic()
+        if races(message, self.settings.race):
+            self.claimer.submit(Pending(server, message, datetime.now(UTC), now))
+        elif self.scheduler.wants(message.name):
+            self.stats.local += 1
+            self.scheduler.submit(Job(server, message, None, now))
+
+    def _document(self, item: Pending) -> dict[str, Any]:
+        doc = event_document(item.key, item.server, item.message, self.worker_id, item.received_at)
+        if not self.scheduler.wants(item.message.name):
+            # Nothing to run: stored as done at once, which saves an ack per event.
+            doc["state"] = DONE
+            doc["done_at"] = item.received_at
+        return doc
+
+    def _on_won(self, winners: list[Pending]) -> None:
+        for item in winners:
+            if self.scheduler.wants(item.message.name):
+                self.scheduler.submit(Job(item.server, item.message, item.key, item.received_mono))
+
+    def _context(self, server: str) -> HandlerContext:
+        return HandlerContext(
+            server=server,
+            ami=self.pool.connection(server),
+            db=self.store.database,
+            worker_id=self.worker_id,
+            log=logging.LoggerAdapter(logging.getLogger("handlers"), {"server": server}),
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; then stop gracefully."""
+        await self.store.ensure_indexes(self.settings.ttl_days)
+        await self.store.heartbeat(self.heartbeat_info())
+        tasks = [
+            asyncio.create_task(self.claimer.run(), name="claims"),
+            asyncio.create_task(self.outcomes.run(), name="outcomes"),
+            asyncio.create_task(self._heartbeats(), name="heartbeat"),
+            asyncio.create_task(self._reclaims(), name="reclaim"),
+        ]
+        await self.pool.start()
+        log.info(
+            "worker %s running: %d PBX(s), handlers for %s",
+            self.worker_id,
+            len(self.settings.servers),
+            ", ".join(self.registry.event_names()) or "no event",
+        )
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(tasks)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
+        log.info("stopping: logging off, flushing claims, finishing handlers")
+        await self.pool.stop(logoff=True)
+        claims, outcomes, *others = tasks
+        for task in others:
+            task.cancel()
+        self.claimer.stop()
+        try:
+            await asyncio.wait_for(claims, self.settings.shutdown_timeout)
+        except TimeoutError:
+            log.error("claims not flushed within shutdown_timeout")
+        if not await self.scheduler.join(self.settings.shutdown_timeout):
+            log.error(
+                "%d handler run(s) still going after %.0f s; abandoning them (a live worker "
+                "will reclaim their events)",
+                self.scheduler.depth,
+                self.settings.shutdown_timeout,
+            )
+            await self.scheduler.cancel()
+        self.outcomes.stop()
+        await asyncio.gather(outcomes, *others, return_exceptions=True)
+        try:
+            await self.store.heartbeat(self.heartbeat_info())
+            if self.scheduler.depth == 0:
+                await self.store.remove_worker()
+        except StoreUnavailable as exc:
+            log.warning("could not record the stop: %s", exc)
+        await self.store.close()
+        log.info("stopped: %s", self.stats.as_dict())
+
+    # -- background loops ---------------------------------------------------------------------
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "servers": self.pool.status(),
+            "counters": self.stats.as_dict(),
+            "queue_depth": self.claimer.depth + self.scheduler.depth,
+        }
+
+    async def _heartbeats(self) -> None:
+        while True:
+            try:
+                await self.store.heartbeat(self.heartbeat_info())
+            except StoreUnavailable as exc:
+                log.debug("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _reclaims(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                docs = await self.store.reclaim(
+                    self.settings.lease, max_attempts=self.settings.max_attempts
+                )
+            except StoreUnavailable as exc:
+                log.debug("reclaim failed: %s", exc)
+                continue
+            if docs:
+                log.info("took over %d event(s) to run (dead worker or retry due)", len(docs))
+            now = time.monotonic()
+            for doc in docs:
+                self.stats.reclaimed += 1
+                message = message_from_document(doc)
+                self.scheduler.submit(Job(doc["server"], message, doc["_id"], now))
+
+
+def run_worker_process(settings: Settings, index: int | None = None) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    worker_id = new_worker_id(index)
+    logs.configure(settings.log_level, settings.log_format, worker_id)
+    for server in settings.servers:
+        logs.register_secret(server.secret.get_secret_value())
+    # Ctrl-C reaches the whole process group; the supervisor decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        registry = load_handlers(settings.handlers, settings.app_dir)
+    except HandlerImportError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(settings, registry, worker_id))
+
+
+async def _serve(settings: Settings, registry: HandlerRegistry, worker_id: str) -> None:
+    worker = Worker(settings, registry, worker_id=worker_id)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    await worker.run()
