@@ -99,7 +99,11 @@ class HandlerRegistry:
         spelling: dict[str, str] = {}
         for attribute, handler in handlers:
             event = attribute[: -len(SUFFIX)]
-            by_event.setdefault(event.lower(), []).append(handler)
+            found = by_event.setdefault(event.lower(), [])
+            # One function reached twice (a package re-exporting a module that
+            # is also listed) still runs once per event.
+            if not any(handler is known for known in found):
+                found.append(handler)
             spelling.setdefault(event.lower(), event)
         self._by_event = {event: tuple(found) for event, found in by_event.items()}
         self._spelling = spelling
@@ -187,7 +191,7 @@ async def invoke(
     handler: Handler,
     ctx: HandlerContext,
     event: Message,
-    timeout: float,  # noqa: ASYNC109 - a per-call budget, enforced with asyncio.timeout
+    timeout: float,
     *,
     executor: Executor | None = None,
 ) -> None:
