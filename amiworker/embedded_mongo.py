@@ -135,6 +135,7 @@ class EmbeddedMongo:
                 deadline = time.monotonic() + self.start_timeout
                 while not self._ready(self._probe(), deadline):
                     time.sleep(_POLL)
+                self._fixed_port = True  # a later start() or restart() keeps this port
                 return self
             except _PortTaken:
                 self._reap()
@@ -155,6 +156,7 @@ class EmbeddedMongo:
                 # Polling: the process is a Popen child, not an asyncio one.
                 while not self._ready(await self._aprobe(), deadline):  # noqa: ASYNC110
                     await asyncio.sleep(_POLL)
+                self._fixed_port = True  # a later start() or restart() keeps this port
                 return self
             except _PortTaken:
                 self._reap()
@@ -303,7 +305,6 @@ class EmbeddedMongo:
     def restart(self) -> EmbeddedMongo:
         """Stop and start again on the same port with the same data."""
         self.stop()
-        self._fixed_port = True
         return self.start()
 
     async def astop(self, grace: float = 10.0) -> None:
@@ -328,7 +329,6 @@ class EmbeddedMongo:
 
     async def arestart(self) -> EmbeddedMongo:
         await self.astop()
-        self._fixed_port = True
         return await self.astart()
 
     def _signal(self, signum: signal.Signals) -> None:

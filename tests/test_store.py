@@ -12,6 +12,7 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,7 +29,7 @@ from amiworker.documents import (
     message_from_document,
     parse_timestamp,
 )
-from amiworker.embedded_mongo import free_port
+from amiworker.embedded_mongo import EmbeddedMongo, EmbeddedMongoError, free_port
 from amiworker.mongo import close_client, open_client
 from amiworker.protocol import Message, Parser
 from amiworker.store import MAX_ERROR_LENGTH, EventStore, StoreUnavailable
@@ -375,15 +376,46 @@ async def test_unreachable_server_gives_one_line_without_password(mongo_driver: 
     client = open_client(uri, mongo_driver, serverSelectionTimeoutMS=200)  # type: ignore[arg-type]
     try:
         store = EventStore(client["amiworker"], "events", "w", uri=uri)
-        for attempt in (store.claim(docs_for(1, "w")), store.ack("k0000"), store.heartbeat()):
-            with pytest.raises(StoreUnavailable) as info:
-                await attempt
-            text = str(info.value)
+        attempts = (store.claim(docs_for(1, "w")), store.ack("k0000"), store.heartbeat())
+        errors = await asyncio.gather(*attempts, return_exceptions=True)
+        for error in errors:
+            assert isinstance(error, StoreUnavailable), error
+            text = str(error)
             assert text.startswith("MongoDB at mongodb://app:***@127.0.0.1:")
             assert "is unreachable" in text and "check that it is running" in text
             assert "hunter2" not in text and "\n" not in text
     finally:
         await close_client(client)
+
+
+async def test_store_recovers_when_the_server_comes_back(tmp_path: Path, mongo_driver: str) -> None:
+    async with EmbeddedMongo(tmp_path / "nx") as server:
+        client = open_client(server.uri, mongo_driver, serverSelectionTimeoutMS=300)  # type: ignore[arg-type]
+        try:
+            store = EventStore(client["outage"], "events", "w", uri=server.uri)
+            assert len(await store.claim(docs_for(3, "w", prefix="before-"))) == 3
+            port = server.port
+            await server.akill()
+            with pytest.raises(StoreUnavailable, match="is unreachable"):
+                await store.claim(docs_for(5, "w", prefix="during-"))
+            await server.astart()
+            assert server.port == port
+            # Nothing of the failed claim was stored: the retry wins it all.
+            assert len(await store.claim(docs_for(5, "w", prefix="during-"))) == 5
+            # What was stored before the crash is still there.
+            assert await store.count_by_state() == {CLAIMED: 8, DONE: 0, FAILED: 0, DEAD: 0}
+        finally:
+            await close_client(client)
+
+
+def test_a_port_held_by_another_server_is_a_clear_error(
+    tmp_path: Path, mongo_server: EmbeddedMongo
+) -> None:
+    clash = EmbeddedMongo(tmp_path / "nx", port=mongo_server.port, start_timeout=10)
+    with pytest.raises(EmbeddedMongoError, match=f"port {mongo_server.port} is already in use"):
+        clash.start()
+    assert not clash.running
+    assert mongo_server.running
 
 
 # -- handler outcomes ----------------------------------------------------------------------
