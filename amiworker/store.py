@@ -278,7 +278,10 @@ class EventStore:
         Judging leases by it means a host whose clock is off does not take
         live workers for dead. Falls back to this host's clock.
         """
-        reply = await self.database.command("hello")
+        try:
+            reply = await self.database.command("hello")
+        except PyMongoError as exc:
+            raise self._unavailable("read the server time", exc) from None
         local = reply.get("localTime")
         if not isinstance(local, datetime):
             return datetime.now(UTC)
