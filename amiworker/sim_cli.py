@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from amiworker.sim_calls import STATE_DESC
+from amiworker.sim_channel import STATE_DESC
 from amiworker.sim_data import BUILD_INFO
 
 if TYPE_CHECKING:

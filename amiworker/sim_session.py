@@ -298,9 +298,11 @@ class AMISession(asyncio.Protocol):
             self.reply(error(a, "Authentication failed"))
             self.close()
             return
+        # Events raised before this login go to the sessions that were there, not to this one.
+        self.pbx.flush()
         self.authenticated = True
         self.username = a.get("Username")
-        self.reply(ack(a, "Authentication accepted"))
+        self.write(ack(a, "Authentication accepted"))
         if self.event_mask is None or "system" in self.event_mask:
             uptime = int(time.time() - self.pbx.started_at)
             self.write(

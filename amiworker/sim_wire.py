@@ -8,7 +8,14 @@ action carried one, then the rest, then an empty line.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
 from amiworker.protocol import Message
+
+if TYPE_CHECKING:
+    from amiworker.sim_session import AMISession
+    from amiworker.simulator import FakePBX
 
 
 class Action:
@@ -77,3 +84,20 @@ def list_complete(action: Action, event: str, count: int, extra: str = "") -> by
         f"Event: {event}\r\n{_id_line(action)}EventList: Complete\r\n"
         f"ListItems: {count}\r\n{extra}\r\n"
     ).encode()
+
+
+#: An action's handler: it writes the reply (and raises any events) itself.
+Handler = Callable[["FakePBX", "AMISession", Action], Awaitable[None]]
+
+
+def registrar(table: dict[str, Handler]) -> Callable[[str], Callable[[Handler], Handler]]:
+    """A decorator that files handlers in ``table`` under their action name, any case."""
+
+    def action(name: str) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            table[name.lower()] = handler
+            return handler
+
+        return register
+
+    return action

@@ -57,7 +57,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from amiworker.sim_calls import CallEngine, Dialplan
+from amiworker.sim_calls import CallEngine
+from amiworker.sim_channel import Dialplan
 from amiworker.sim_data import (
     ASTERISK_VERSIONS,
     ConfigFile,

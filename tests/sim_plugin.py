@@ -159,8 +159,7 @@ class RawAMI:
 
     async def closed(self, timeout: float = 5.0) -> None:
         """Wait until the server closes the connection."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._task, timeout)
+        await asyncio.wait({self._task}, timeout=timeout)  # unlike wait_for, never cancels
         if not self.eof:
             raise AssertionError(f"the server did not close the connection within {timeout:g} s")
 

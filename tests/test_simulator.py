@@ -217,6 +217,18 @@ async def test_plain_login_as_captured(fake_pbx: FakePBX, raw_ami: Connect) -> N
     assert fake_pbx.sent_events == [auth.raw]  # FullyBooted goes to that session only
 
 
+async def test_a_login_under_load_sees_its_reply_before_any_event(
+    fake_pbx_factory: PBXFactory, raw_ami: Connect
+) -> None:
+    pbx = await fake_pbx_factory(calls_per_second=500.0)
+    await wait_for(lambda: pbx.events_sent > 0, what="background events")
+    for _ in range(5):
+        client = await logged_in(raw_ami, pbx)
+        await client.wait_count(lambda m: m.kind == "event", 50)
+        assert client.messages[0].name == "Success"
+        assert client.messages[1].name == "FullyBooted"
+
+
 async def test_md5_login_as_captured(fake_pbx: FakePBX, raw_ami: Connect) -> None:
     real = capture("asterisk22-md5-login.txt")
     client = await raw_ami(fake_pbx.port)
