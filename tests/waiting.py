@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 async def wait_for(
     predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float = 5.0,  # noqa: ASYNC109 - the deadline is the point of this helper
+    timeout: float = 5.0,
     what: str = "condition",
     interval: float = 0.01,
 ) -> None:
