@@ -147,12 +147,25 @@ class FakePBX:
     # -- life ---------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen; raises OSError with a one-line reason if it cannot."""
         loop = asyncio.get_running_loop()
         if self.record_path is not None:
-            self._record = self.record_path.open("ab")
-        self._server = await loop.create_server(
-            lambda: AMISession(self), self.host, self.port, reuse_address=True
-        )
+            try:
+                self._record = self.record_path.open("ab")
+            except OSError as exc:
+                raise OSError(f"cannot append to {self.record_path}: {exc.strerror}") from exc
+        try:
+            self._server = await loop.create_server(
+                lambda: AMISession(self), self.host, self.port, reuse_address=True
+            )
+        except OSError as exc:
+            if self._record is not None:
+                self._record.close()
+                self._record = None
+            reason = exc.strerror or str(exc)
+            raise OSError(
+                f"cannot listen on {self.host}:{self.port}: {reason} (port in use? try --port 0)"
+            ) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         self.engine.set_rate(*self._initial_rate)
         self._clock_task = loop.create_task(self._run_clock(), name=f"{self.name}-clock")
@@ -379,14 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         asyncio.run(_serve(args))
-    except OSError as exc:
-        print(
-            f"amiworker simulate: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-            " (is the port in use? try --port 0)",
-            file=sys.stderr,
-        )
-        return 2
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         print(f"amiworker simulate: {exc}", file=sys.stderr)
         return 2
     return 0

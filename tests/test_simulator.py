@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -560,6 +562,23 @@ async def test_process_generates_background_calls(
     await wait_for(lambda: len(sim.events_recorded()) == 4 * 39 + 1, what="4 calls recorded")
     recorded = Counter(m.name for m in sim.events_recorded())
     assert (recorded["OriginateResponse"], recorded["SuccessfulAuth"]) == (4, 1)
+
+
+async def test_a_busy_port_is_one_clear_line_and_status_2(fake_pbx: FakePBX) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "amiworker.simulator",
+        "--port",
+        str(fake_pbx.port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(15):
+        _, err = await process.communicate()
+    assert process.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{fake_pbx.port}" in lines[0]
 
 
 def test_the_command_line_parser() -> None:
