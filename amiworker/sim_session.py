@@ -21,6 +21,7 @@ import hashlib
 import logging
 import random
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 
 from amiworker.protocol import Parser, ProtocolError
@@ -49,6 +50,7 @@ _KNOWN_ACTIONS = frozenset(name.lower() for name, _ in LIST_COMMANDS)
 _TRUE = frozenset({"yes", "true", "y", "t", "1", "on"})
 _FALSE = frozenset({"no", "false", "n", "f", "0", "off"})
 #: Past this many bytes queued in the transport, the kernel's socket buffer is full.
+#: Kept small: asyncio (3.11) shifts its whole write buffer after each send.
 _SOCKET_FULL = 256 * 1024
 
 
@@ -81,6 +83,11 @@ class AMISession(asyncio.Protocol):
         self._queue: asyncio.Queue[Action] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._full_timer: asyncio.TimerHandle | None = None
+        # Output held while the socket is full, as Asterisk queues events for a
+        # session that is not reading: a deque of chunks, never one big buffer.
+        self._backlog: deque[bytes] = deque()
+        self._backlog_size = 0
+        self._socket_full = False
         self._slow = bytearray()
         self._slow_task: asyncio.Task[None] | None = None
 
@@ -122,13 +129,20 @@ class AMISession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The socket is full: the client is not reading. Asterisk gives up after writetimeout.
+        self._socket_full = True
         loop = asyncio.get_running_loop()
         self._full_timer = loop.call_later(self.pbx.write_timeout, self._reader_too_slow)
 
     def resume_writing(self) -> None:
+        self._socket_full = False
         if self._full_timer is not None:
             self._full_timer.cancel()
             self._full_timer = None
+        transport = self.transport
+        while self._backlog and not self._socket_full and transport is not None:
+            data = self._backlog.popleft()
+            self._backlog_size -= len(data)
+            transport.write(data)  # may pause us again
 
     def _reader_too_slow(self) -> None:
         log.warning(
@@ -144,6 +158,9 @@ class AMISession(asyncio.Protocol):
         """Close after what was written is sent (Logoff, failed login)."""
         if self.transport is not None and not self.closed:
             self.closed = True
+            if self._backlog:
+                self.transport.write(b"".join(self._backlog))
+                self._backlog.clear()
             if self._slow:
                 self.transport.write(bytes(self._slow))
                 self._slow.clear()
@@ -166,8 +183,12 @@ class AMISession(asyncio.Protocol):
             if self._slow_task is None or self._slow_task.done():
                 self._slow_task = asyncio.get_running_loop().create_task(self._drain_slowly())
             return
-        transport.write(data)
-        if transport.get_write_buffer_size() > self.pbx.max_unsent_bytes:
+        if self._socket_full or self._backlog:
+            self._backlog.append(data)
+            self._backlog_size += len(data)
+        else:
+            transport.write(data)
+        if self._backlog_size + transport.get_write_buffer_size() > self.pbx.max_unsent_bytes:
             log.warning(
                 "%s: disconnecting %s: over %d bytes unsent",
                 self.pbx.name,

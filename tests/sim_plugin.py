@@ -102,12 +102,16 @@ class RawAMI:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
     async def wait_count(
-        self, predicate: Callable[[Message], bool], count: int, timeout: float = 5.0
+        self,
+        predicate: Callable[[Message], bool],
+        count: int,
+        timeout: float = 5.0,
+        start: int = 0,
     ) -> list[Message]:
-        """Wait until ``count`` messages match; return them."""
+        """Wait until ``count`` messages (from index ``start`` on) match; return them."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [m for m in self.messages if predicate(m)]
+            found = [m for m in self.messages[start:] if predicate(m)]
             if len(found) >= count:
                 return found
             remaining = deadline - time.monotonic()
