@@ -311,8 +311,10 @@ class ActionHelpers(abc.ABC):
     async def command(self, cli: str) -> list[str]:
         """Run a CLI command; its output lines (either Asterisk format).
 
-        Raises :class:`ActionFailed` carrying the output when Asterisk refuses
-        the command (unknown command, no permission).
+        Raises :class:`ActionFailed` carrying the output when Asterisk answers
+        ``Response: Error`` (Asterisk >= 14: unknown command, no permission).
+        Asterisk <= 13 answers ``Follows`` whatever happened, so there an
+        unknown command returns its "No such command" text as output.
         """
         response = await self.action("Command", Command=cli)
         if not response.ok:

@@ -302,8 +302,8 @@ class Connection(ActionHelpers):
         except OSError as exc:
             await conn._abort("could not connect")
             raise ConnectError(conn._os_error_text(exc)) from None
-        except BaseException:
-            conn._finish("cancelled while opening")
+        except BaseException:  # cancelled, or a ValueError from the headers
+            conn._finish("failed while opening")
             raise
         conn._stage = "open"
         if ping_interval:
@@ -451,6 +451,8 @@ class Connection(ActionHelpers):
             self._finish(f"connection lost: {exc.strerror or exc}")
             raise self._finished(name) from None
         finally:
+            if pending.future.done() and not pending.future.cancelled():
+                pending.future.exception()  # seen, even if we leave by another error
             if self._pending.pop(action_id, None) is not None:
                 self._abandoned[action_id] = pending
                 while len(self._abandoned) > _ABANDONED_KEPT:

@@ -198,6 +198,10 @@ class ServerPool:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Again: a session may have opened while the Logoffs ran.
+        conns = [s.conn for s in self._servers.values() if s.conn is not None]
+        for conn in conns:
+            conn.close()
         await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)
 
     def status(self) -> dict[str, ServerStatus]:
@@ -252,8 +256,12 @@ class ServerPool:
                 continue
 
             opened = time.monotonic()
-            await self._set_connected(supervised, conn, down=opened - down_since)
-            await conn.wait_closed()
+            try:
+                await self._set_connected(supervised, conn, down=opened - down_since)
+                await conn.wait_closed()
+            finally:
+                if self._stopping:
+                    conn.close()  # stop() may have run before this session was recorded
             if self._stopping:
                 return
             down_since = time.monotonic()

@@ -15,6 +15,7 @@ import ssl as ssl_module
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from amiworker.connection import (
     ConnectionFinished,
 )
 from amiworker.protocol import Message, Parser
+from amiworker.simulator import FakePBX
 from tests.waiting import wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -622,3 +624,145 @@ async def test_repr_never_shows_the_secret(pbx: ScriptedPBX) -> None:
         assert SECRET not in repr(conn) and SECRET not in str(vars(conn))
         assert "pbx1" in repr(conn) and "open" in repr(conn)
         conn.close()
+
+
+# -- against the simulated PBX (amiworker.simulator.FakePBX) --------------------------------
+
+StartPBX = Callable[..., Awaitable[FakePBX]]
+
+
+async def sim_conn(pbx: FakePBX, **options: Any) -> Connection:
+    return await Connection.open("127.0.0.1", pbx.port, "admin", "secret", name=pbx.name, **options)
+
+
+async def test_sim_every_helper_returns_a_typed_result(fake_pbx: FakePBX) -> None:
+    async with asyncio.timeout(10):
+        conn = await sim_conn(fake_pbx)
+        assert conn.ami_version == "11.0.0" and 0 <= await conn.ping() < 5
+        assert [p["ObjectName"] for p in await conn.sip_peers()] == ["100", "101", "provider"]
+        assert [p["ObjectName"] for p in await conn.iax_peers()] == ["200", "iax-trunk"]
+        config = await conn.get_config("extensions.conf")
+        assert [c.name for c in config] == ["general", "globals", "test"]
+        assert config[1].get("PBXNAME") == "pbx1"
+        only_test = await conn.get_config("extensions.conf", category="test")
+        assert [c.name for c in only_test] == ["test"]
+        assert (await conn.get_config_json("manager.conf"))["general"]["enabled"] == "yes"
+        with pytest.raises(ActionFailed, match="Config file not found"):
+            await conn.get_config("nosuch.conf")
+        version = await conn.command("core show version")
+        assert len(version) == 1 and version[0].startswith("Asterisk 22.10.1 built by")
+        state = await conn.extension_state("100", "test")
+        assert (state.exten, state.context, state.status) == ("100", "test", -1)
+        await conn.set_var(None, "AMIWORKER_GLOBAL", "42")
+        assert (await conn.action("Getvar", Variable="AMIWORKER_GLOBAL"))["Value"] == "42"
+        assert await conn.core_show_channels() == [] and await conn.status() == []
+
+        originated = await conn.originate(
+            "Local/100@test", context="test", exten="200", priority=1, timeout=5,
+            caller_id="Probe <1001>", variables={"A": "1"},
+        )  # fmt: skip
+        assert originated.name == "OriginateResponse" and originated["Response"] == "Success"
+        channels = await conn.core_show_channels()
+        assert {c["Channel"] for c in channels} >= {originated["Channel"]}
+        assert {s["Channel"] for s in await conn.status()} == {c["Channel"] for c in channels}
+        await conn.redirect(originated["Channel"], "test", "300", 1)
+        with pytest.raises(ActionFailed, match="Channel does not exist"):
+            await conn.redirect("SIP/nobody-0000", "test", "300", 1)
+        with pytest.raises(ActionFailed, match="No such channel"):
+            await conn.set_var("SIP/nobody-0000", "X", "1")
+        await conn.logoff()
+        assert conn.close_reason == "logged off" and fake_pbx.sessions == 0
+
+
+async def test_sim_legacy_command_format(fake_pbx_factory: StartPBX) -> None:
+    pbx = await fake_pbx_factory(ami_version="2.10.6")
+    async with asyncio.timeout(10):
+        conn = await sim_conn(pbx, auth="plain")
+        assert conn.ami_version == "2.10.6"
+        output = await conn.command("core show uptime")
+        assert output and output[0].startswith("System uptime:")
+        # Asterisk <= 13 answers Follows even for an unknown command: nothing to raise on.
+        unknown = await conn.command("no such cli command")
+        assert unknown[0].startswith("No such command 'no such cli command'")
+        conn.close()
+
+
+async def test_sim_wrong_secret(fake_pbx: FakePBX) -> None:
+    async with asyncio.timeout(10):
+        with pytest.raises(AuthenticationFailed, match="Authentication failed") as caught:
+            await Connection.open("127.0.0.1", fake_pbx.port, "admin", "not-the-secret")
+        assert "not-the-secret" not in str(caught.value)
+
+
+async def test_sim_events_reach_the_callback_and_the_iterator_byte_for_byte(
+    fake_pbx: FakePBX,
+) -> None:
+    seen: list[Message] = []
+    async with asyncio.timeout(10):
+        conn = await sim_conn(fake_pbx, on_event=lambda m, own: seen.append(m))
+        before = len(fake_pbx.sent_events)
+        await fake_pbx.start_call()
+        await fake_pbx.start_call()
+        await wait_for(lambda: len(fake_pbx.sent_events) - before >= 78, what="two whole calls")
+        sent = fake_pbx.sent_events[before:]
+        await wait_for(lambda: [m.raw for m in seen[-len(sent) :]] == sent, what="every event")
+        from_iterator: list[bytes] = []
+        async for message, own in conn.events():
+            assert not own
+            from_iterator.append(message.raw)
+            if from_iterator[-len(sent) :] == sent:
+                break
+        conn.close()
+
+
+async def test_sim_overflow_is_counted_and_the_reader_keeps_up(fake_pbx: FakePBX) -> None:
+    counted = 0
+
+    def count(message: Message, own: bool) -> None:
+        nonlocal counted
+        counted += 1
+
+    async with asyncio.timeout(10):
+        conn = await sim_conn(fake_pbx, event_queue_size=20, on_event=count)
+        await wait_for(lambda: counted >= 1, what="FullyBooted")
+        base = counted
+        first = len(fake_pbx.sent_events)
+        for _ in range(10):
+            await fake_pbx.start_call()
+        await wait_for(lambda: len(fake_pbx.sent_events) - first >= 390, what="10 whole calls")
+        await wait_for(lambda: counted - base == len(fake_pbx.sent_events) - first, what="all")
+        assert conn.dropped_events == counted - 20 and conn.is_open
+        assert (await conn.action("Ping")).ok
+        conn.close()
+
+
+async def test_sim_a_stalled_pbx_is_declared_dead_by_the_keepalive(fake_pbx: FakePBX) -> None:
+    async with asyncio.timeout(10):
+        conn = await sim_conn(fake_pbx, ping_interval=0.2, ping_timeout=0.3)
+        fake_pbx.stall()
+        started = time.monotonic()
+        await conn.wait_closed()
+        assert time.monotonic() - started < 0.2 + 0.3 + 0.25
+        assert conn.close_reason == "no Ping reply within 0.3 s"
+        fake_pbx.resume()
+
+
+async def test_sim_a_pbx_dropping_the_session_fails_pending_actions(fake_pbx: FakePBX) -> None:
+    async with asyncio.timeout(10):
+        conn = await sim_conn(fake_pbx)
+        fake_pbx.stall()
+        pending = [asyncio.create_task(conn.ping()), asyncio.create_task(conn.sip_peers())]
+        await asyncio.sleep(0)  # both sent
+        await fake_pbx.drop_sessions()
+        for task in pending:
+            with pytest.raises(ConnectionFinished, match=r"closed by the PBX|connection lost"):
+                await task
+        fake_pbx.resume()
+
+
+async def test_sim_a_huge_message_ends_the_session_with_a_clear_reason(fake_pbx: FakePBX) -> None:
+    async with asyncio.timeout(10):
+        conn = await sim_conn(fake_pbx, max_message_size=64 * 1024)
+        await fake_pbx.send_raw(b"Event: Huge\r\nData: " + b"x" * 100_000)
+        await conn.wait_closed()
+        assert (conn.close_reason or "").startswith("protocol error: unfinished message of over")

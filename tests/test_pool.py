@@ -19,6 +19,7 @@ from amiworker.connection import Connection
 from amiworker.pool import ServerPool, full_jitter
 from amiworker.protocol import Message
 from amiworker.settings import ServerSettings
+from amiworker.simulator import FakePBX
 from tests.test_connection import CALL_EVENTS, SECRET, ScriptedPBX, _free_port
 from tests.waiting import wait_for
 
@@ -190,3 +191,69 @@ async def test_pool_speaks_tls_verified_by_the_ca_file(certificate: tuple[Path, 
         async with untrusted:
             with pytest.raises(TimeoutError, match=r"TLS handshake failed.*tls_ca_file"):
                 await untrusted.wait_connected(0.5)
+
+
+# -- against the simulated PBX -----------------------------------------------------------------
+
+
+def sim_server(pbx: FakePBX) -> Server:
+    return Server(pbx.name, pbx.port, username="admin", secret=SecretStr("secret"))
+
+
+async def test_sim_pool_reconnects_after_drop_sessions(
+    fake_pbx: FakePBX, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="amiworker")
+    seen: list[tuple[str, Message]] = []
+    pool = ServerPool(
+        [sim_server(fake_pbx)],
+        on_event=lambda name, m, own: seen.append((name, m)),
+        reconnect_min=0.2,
+        reconnect_max=2.0,
+    )
+    async with pool, asyncio.timeout(10):
+        await pool.wait_connected(5)
+        dropped = time.monotonic()
+        await fake_pbx.drop_sessions()
+        await wait_for(
+            lambda: pool.status()["pbx1"]["reconnects"] == 1 and pool.connection("pbx1"),
+            what="the session back",
+        )
+        assert time.monotonic() - dropped < 0.2 + 0.5  # first retry: uniform(0, reconnect_min)
+        assert len(lines(caplog, "AMI session lost")) == 1
+        assert len(lines(caplog, "AMI session back after")) == 1
+        before = len(seen)
+        linkedid = await fake_pbx.start_call()
+        await wait_for(
+            lambda: any(m.get("Linkedid") == linkedid for _, m in seen[before:]),
+            what="events of a call on the new session",
+        )
+        assert {name for name, _ in seen} == {"pbx1"}
+
+
+async def test_sim_pool_detects_a_stalled_pbx_and_logs_one_line_each_way(
+    fake_pbx: FakePBX, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="amiworker")
+    pool = ServerPool(
+        [sim_server(fake_pbx)],
+        reconnect_min=0.05,
+        reconnect_max=0.2,
+        connect_timeout=0.3,
+        ping_interval=0.2,
+        ping_timeout=0.3,
+    )
+    async with pool, asyncio.timeout(10):
+        await pool.wait_connected(5)
+        fake_pbx.stall()
+        await wait_for(lambda: lines(caplog, "AMI session lost"), what="the loss")
+        assert "no Ping reply within 0.3 s" in lines(caplog, "AMI session lost")[0]
+        await wait_for(
+            lambda: len(lines(caplog, "AMI attempt failed")) >= 2, what="failed attempts"
+        )
+        fake_pbx.resume()
+        await pool.wait_connected(5)
+        assert len(lines(caplog, "AMI session lost")) == 1
+        assert len(lines(caplog, "AMI session back after")) == 1
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1  # the loss; each failed attempt is at debug
