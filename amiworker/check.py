@@ -19,9 +19,9 @@ from typing import Any
 
 from amiworker.connection import AMIError, Connection
 from amiworker.dispatch import HandlerImportError, load_handlers
+from amiworker.mongo import StoreUnavailable, close_client, open_client
 from amiworker.protocol import Message
 from amiworker.settings import ServerSettings, Settings, redact_uri
-from amiworker.store import StoreUnavailable, close_client, open_client
 
 __all__ = ["run_check", "tls_context"]
 

@@ -63,14 +63,21 @@ class HandlerContext:
     db: Any
     worker_id: str
     log: logging.LoggerAdapter[logging.Logger] = field(repr=False)
+    #: The stored event's ``_id`` (its dedup key), the same in every worker: a
+    #: natural idempotency key. None for an event handled by every worker.
+    event_id: str | None = None
 
     @classmethod
-    def create(cls, *, server: str, ami: Any, db: Any, worker_id: str) -> HandlerContext:
+    def create(
+        cls, *, server: str, ami: Any, db: Any, worker_id: str, event_id: str | None = None
+    ) -> HandlerContext:
         """A context whose ``log`` carries ``worker_id`` and ``server`` in every record."""
         adapter = logging.LoggerAdapter(
             logging.getLogger("amiworker.handlers"), {"worker_id": worker_id, "server": server}
         )
-        return cls(server=server, ami=ami, db=db, worker_id=worker_id, log=adapter)
+        return cls(
+            server=server, ami=ami, db=db, worker_id=worker_id, log=adapter, event_id=event_id
+        )
 
 
 class HandlerImportError(Exception):

@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,13 +51,15 @@ class HandlerScheduler:
     def __init__(
         self,
         registry: HandlerRegistry,
-        context_for: Callable[[str], Any],
+        context_for: Callable[[Job], Any],
         *,
         concurrency: int,
         timeout: float,
         on_finished: Callable[[Job, BaseException | None], None],
+        executor: Executor | None = None,
     ) -> None:
         self._registry = registry
+        self._executor = executor
         self._context_for = context_for
         self._timeout = timeout
         self._on_finished = on_finished
@@ -107,11 +110,11 @@ class HandlerScheduler:
     async def _run(self, job: Job) -> None:
         if self.on_started is not None:
             self.on_started(time.monotonic() - job.received_mono)
-        context = self._context_for(job.server)
+        context = self._context_for(job)
         error: BaseException | None = None
         for handler in self._registry.handlers_for(job.message.name):
             try:
-                await invoke(handler, context, job.message, self._timeout)
+                await invoke(handler, context, job.message, self._timeout, executor=self._executor)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

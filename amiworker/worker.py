@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,11 +72,10 @@ class Worker:
             on_event=self._on_event,
             reconnect_min=settings.reconnect_min,
             reconnect_max=settings.reconnect_max,
-            timeout=settings.connect_timeout,
+            connect_timeout=settings.connect_timeout,
             action_timeout=settings.action_timeout,
             ping_interval=settings.ping_interval,
             ping_timeout=settings.ping_timeout,
-            event_queue_size=settings.event_queue_size,
             max_message_size=settings.max_message_size,
         )
         self.claimer = Claimer(
@@ -96,15 +96,18 @@ class Worker:
             concurrency=settings.handler_concurrency,
             timeout=settings.handler_timeout,
             on_finished=self.outcomes.record,
+            # Plain handlers run in threads; time queueing for one counts against
+            # handler_timeout, so there is a thread for every concurrent call.
+            executor=ThreadPoolExecutor(settings.handler_concurrency, "handler"),
         )
         self.started_at = datetime.now(UTC)
         self._stop = asyncio.Event()
 
     # -- the hot path: called by the AMI reader, must never wait -------------------------
 
-    def _on_event(self, server: str, message: Message) -> None:
-        if message.kind != "event":
-            return
+    def _on_event(self, server: str, message: Message, own_action: bool) -> None:
+        if own_action:
+            return  # answers this session's own action: never raced (see DESIGN)
         self.stats.events_seen += 1
         now = time.monotonic()
         if races(message, self.settings.race):
@@ -126,13 +129,13 @@ class Worker:
             if self.scheduler.wants(item.message.name):
                 self.scheduler.submit(Job(item.server, item.message, item.key, item.received_mono))
 
-    def _context(self, server: str) -> HandlerContext:
-        return HandlerContext(
-            server=server,
-            ami=self.pool.connection(server),
+    def _context(self, job: Job) -> HandlerContext:
+        return HandlerContext.create(
+            server=job.server,
+            ami=self.pool.connection(job.server),
             db=self.store.database,
             worker_id=self.worker_id,
-            log=logging.LoggerAdapter(logging.getLogger("handlers"), {"server": server}),
+            event_id=job.key,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
