@@ -13,6 +13,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
         SimulatorProcess(
             f"pbx{i + 1}",
             workdir,
-            calls=args.calls,
-            calls_per_second=args.calls_per_second,
+            duration=1.0,
         )
         for i in range(args.pbxs)
     ]
@@ -77,11 +77,18 @@ def run_demo(args: argparse.Namespace) -> int:
             workers=args.workers,
             app_dir=app_dir,
         ).start()
-        print(f"  amiworker --workers {args.workers} (log: {fleet.log_path})\n")
+        print(f"  amiworker --workers {args.workers} (log: {fleet.log_path})")
+        db = client[DATABASE]
+        _wait_connected(db, fleet, args.workers, [s.name for s in simulators])
+        print("  every worker holds a session to every PBX: calls start now\n")
         expected_calls = args.calls * args.pbxs
+        driver = _CallDriver(simulators, args.calls, args.calls_per_second)
         # Calls take (calls / rate) seconds to start, then a few seconds to settle.
         budget = args.calls / max(args.calls_per_second, 0.1) + _SETTLE_TIMEOUT
-        _watch(client[DATABASE], fleet, expected_calls, budget)
+        try:
+            _watch(db, fleet, driver, expected_calls, budget)
+        finally:
+            driver.close()
         code = fleet.stop()
         print(f"\n  amiworker stopped gracefully (exit status {code})")
         return _summary(client[DATABASE], simulators, expected_calls, code)
@@ -112,21 +119,68 @@ def _progress(db: Any) -> dict[str, int]:
     }
 
 
-def _watch(db: Any, fleet: FleetProcess, expected_calls: int, budget: float) -> None:
+def _wait_connected(db: Any, fleet: FleetProcess, workers: int, servers: list[str]) -> None:
+    def connected() -> bool:
+        _check_alive(fleet)
+        everywhere = {f"servers.{name}.connected": True for name in servers}
+        return bool(db.workers.count_documents(everywhere) >= workers)
+
+    wait_until(connected, 60.0, "every worker to connect to every PBX", 0.2)
+
+
+def _check_alive(fleet: FleetProcess) -> None:
+    assert fleet.process is not None
+    if fleet.process.poll() is not None:
+        raise RuntimeError(f"amiworker exited with status {fleet.process.returncode}")
+
+
+class _CallDriver:
+    """Starts calls on every simulator at the demo's rate, a few at each tick."""
+
+    def __init__(self, simulators: list[SimulatorProcess], calls: int, rate: float) -> None:
+        self._controls = [s.control() for s in simulators]
+        self._calls = calls
+        self._rate = rate
+        self._started = 0
+        self._since = time.monotonic()
+
+    def tick(self) -> None:
+        due = min(self._calls, int((time.monotonic() - self._since) * self._rate) + 1)
+        if due > self._started:
+            for control in self._controls:
+                control.action("SimCalls", {"Count": due - self._started})
+            self._started = due
+
+    def close(self) -> None:
+        for control in self._controls:
+            control.close()
+
+
+def _watch(
+    db: Any, fleet: FleetProcess, driver: _CallDriver, expected_calls: int, budget: float
+) -> None:
+    tty = sys.stdout.isatty()
+    last_line = 0.0
+
     def finished() -> bool:
-        assert fleet.process is not None
-        if fleet.process.poll() is not None:
-            raise RuntimeError(f"amiworker exited with status {fleet.process.returncode}")
+        nonlocal last_line
+        _check_alive(fleet)
+        driver.tick()
         p = _progress(db)
         line = (
-            f"\r  workers {p['workers']}  events seen {p['seen']:>7}  stored {p['stored']:>6}  "
+            f"  events seen {p['seen']:>7}  stored {p['stored']:>6}  "
             f"handled {p['done']:>6}  calls complete {p['calls']:>4}/{expected_calls}"
         )
-        print(line, end="", flush=True)
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif time.monotonic() - last_line >= 5.0:
+            print(line, flush=True)
+            last_line = time.monotonic()
         return p["calls"] >= expected_calls and p["stored"] == p["done"]
 
-    wait_until(finished, budget, "every call to be stored, handled and projected", 0.5)
-    print()
+    wait_until(finished, budget, "every call to be stored, handled and projected", 0.25)
+    if tty:
+        print()
 
 
 def _summary(

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from amiworker.protocol import Message, Parser
+from amiworker.protocol import Message, Parser, encode_action
 
-__all__ = ["FleetProcess", "SimulatorProcess", "wait_until"]
+__all__ = ["FleetProcess", "SimulatorControl", "SimulatorProcess", "wait_until"]
 
 USERNAME = "amiworker"
 SECRET = "demo-secret"  # a simulator's secret, for local use only
@@ -100,6 +101,10 @@ class SimulatorProcess:
             "secret": SECRET,
         }
 
+    def control(self) -> SimulatorControl:
+        """A session for the simulator's control actions (SimCalls, SimDropSessions...)."""
+        return SimulatorControl(self.port)
+
     def recorded_events(self) -> list[Message]:
         """Every event the simulator broadcast, in order (read from its record file)."""
         if not self.record_path.exists():
@@ -114,6 +119,36 @@ class SimulatorProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class SimulatorControl:
+    """A blocking AMI session, logged in with events off, for simulator control actions."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._parser = Parser()
+        self._messages: list[Message] = []
+        self._ids = 0
+        reply = self.action("Login", {"Username": USERNAME, "Secret": SECRET, "Events": "off"})
+        if reply.name != "Success":
+            raise RuntimeError(f"simulator login failed: {reply.get('Message')}")
+
+    def action(self, name: str, headers: dict[str, str | int | float] | None = None) -> Message:
+        self._ids += 1
+        action_id = f"control-{self._ids}"
+        self._sock.sendall(encode_action(name, headers, action_id))
+        while True:
+            for message in self._messages:
+                if message.kind == "response" and message.action_id == action_id:
+                    self._messages.remove(message)
+                    return message
+            data = self._sock.recv(65536)
+            if not data:
+                raise RuntimeError("the simulator closed the control session")
+            self._messages += self._parser.feed(data)
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class FleetProcess:

@@ -187,9 +187,9 @@ class Worker:
         self.outcomes.stop()
         await asyncio.gather(outcomes, *others, return_exceptions=True)
         try:
-            await self.store.heartbeat(self.heartbeat_info())
-            if self.scheduler.depth == 0:
-                await self.store.remove_worker()
+            # The row stays (state "stopped") so `amiworker status` and the demo can
+            # show the final counts; live workers delete it once its lease expired.
+            await self.store.heartbeat(self.heartbeat_info(state="stopped"))
         except StoreUnavailable as exc:
             log.warning("could not record the stop: %s", exc)
         await self.store.close()
@@ -197,8 +197,9 @@ class Worker:
 
     # -- background loops ---------------------------------------------------------------------
 
-    def heartbeat_info(self) -> dict[str, Any]:
+    def heartbeat_info(self, state: str = "running") -> dict[str, Any]:
         return {
+            "state": state,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self.started_at,
