@@ -1,0 +1,417 @@
+"""The operator commands, end to end through ``amiworker.cli.main`` against nx-27017.
+
+Most run in-process (``cli.main([...])`` with capsys) on a log filled once per
+module from the real 20-call capture (see tests/log_plugin.py); the real
+``amiworker`` entry point runs as a subprocess for ``events --json`` and for
+``--follow``, which must pick up events stored after it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from amiworker import cli
+from amiworker.embedded_mongo import EmbeddedMongo, free_port
+from amiworker.event_filter import event_order
+from amiworker.mongo import close_client, open_client
+from amiworker.protocol import Message
+from amiworker.store import EventStore
+from tests.log_plugin import (
+    ERROR,
+    FIRST_CALL,
+    LIVE_WORKER,
+    STALE_WORKER,
+    FilledLog,
+    documents,
+    fill,
+)
+
+ROOT = Path(__file__).parent.parent
+CALL = "c20p5038-3-1"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No .env file or AMIWORKER_* variable of the machine running the tests."""
+    for name in list(os.environ):
+        if name.startswith("AMIWORKER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def log(filled_log_module: FilledLog, mongo_server: EmbeddedMongo) -> Iterator[list[str]]:
+    """The setting flags that point a command at the module's filled log."""
+    yield ["--mongo-uri", mongo_server.uri, "--database", filled_log_module.name]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table(out: str) -> list[str]:
+    lines = out.splitlines()
+    assert lines and lines[0].startswith("TIME (UTC)")
+    return lines
+
+
+def column_starts(header: str) -> list[int]:
+    starts, previous = [], " "
+    for index, char in enumerate(header):
+        if char != " " and previous == " " and (index == 0 or header[index - 2 : index] == "  "):
+            starts.append(index)
+        previous = char
+    return starts
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+def test_events_table_is_aligned_newest_last(
+    capsys: pytest.CaptureFixture[str], log: list[str], filled_log_module: FilledLog
+) -> None:
+    code, out, err = run(capsys, "events", "--server", "pbx1", "--limit", "12", *log)
+    assert (code, err) == (0, "")
+    header, *rows = table(out)
+    assert len(rows) == 12
+    starts = column_starts(header)
+    assert header.split()[:3] == ["TIME", "(UTC)", "SERVER"]
+    for row in rows:
+        for start in starts[1:6]:
+            assert row[start - 2 : start] == "  " and row[start] != " ", (row, start)
+    # The newest 12 of pbx1, in the order Asterisk sent them.
+    newest = filled_log_module.pbx1[-12:]
+    assert [row.split()[3] for row in rows] == [doc["event"] for doc in newest]
+    assert [row.split()[4] for row in rows] == [doc["uniqueid"] for doc in newest]
+    hangup = next(row for row in rows if row.split()[3] == "Hangup")
+    assert "cause=16 cause-txt=Normal Clearing" in hangup
+
+
+def test_events_json_lines_hold_whole_documents(
+    capsys: pytest.CaptureFixture[str], log: list[str], filled_log_module: FilledLog
+) -> None:
+    code, out, _ = run(capsys, "events", "--json", "--event", "Newchannel", "--limit", "4", *log)
+    assert code == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert len(docs) == 4 and {doc["event"] for doc in docs} == {"Newchannel"}
+    stored = {doc["_id"]: doc for doc in filled_log_module.docs}
+    for doc in docs:
+        original = stored[doc["_id"]]
+        assert doc["headers"] == original["headers"]  # every header, as sent
+        ts = datetime.fromisoformat(doc["ts"])
+        assert ts.utcoffset() == timedelta(0)
+        assert abs(ts - original["ts"]) < timedelta(milliseconds=1)
+        assert doc["state"] == "done"
+
+
+def test_events_state_failed_lists_failed_and_dead_with_their_error(
+    capsys: pytest.CaptureFixture[str], log: list[str], filled_log_module: FilledLog
+) -> None:
+    code, out, _ = run(capsys, "events", "--state", "failed", *log)
+    assert code == 0
+    rows = table(out)[1:]
+    assert sorted(row.split()[6] for row in rows) == ["dead", "dead", "failed"]
+    assert all(row.endswith(f"error: {ERROR}") for row in rows)
+    code, out, _ = run(capsys, "events", "--state", "dead", "--json", *log)
+    assert {json.loads(line)["_id"] for line in out.splitlines()} == set(filled_log_module.dead)
+
+
+def test_events_time_span(
+    capsys: pytest.CaptureFixture[str], log: list[str], filled_log_module: FilledLog
+) -> None:
+    stamps = sorted(doc["ts"] for doc in filled_log_module.pbx1)
+    since = stamps[100].replace(microsecond=stamps[100].microsecond // 1000 * 1000)
+    until = since + timedelta(milliseconds=5)
+    expected = [d["_id"] for d in filled_log_module.pbx1 if since <= d["ts"] < until]
+    assert expected
+    code, out, _ = run(
+        capsys,
+        "events",
+        "--json",
+        "--server",
+        "pbx1",
+        "--since",
+        since.isoformat(),
+        "--until",
+        until.strftime("%Y-%m-%d %H:%M:%S.%f"),  # no zone: UTC
+        "--limit",
+        "1000",
+        *log,
+    )
+    assert code == 0
+    assert sorted(json.loads(line)["_id"] for line in out.splitlines()) == sorted(expected)
+
+
+def test_events_with_nothing_to_show(capsys: pytest.CaptureFixture[str], log: list[str]) -> None:
+    code, out, err = run(capsys, "events", "--server", "nowhere", *log)
+    assert (code, out, err) == (0, "", "no events match\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "amiworker: 'yesterday' is not a time: use an ISO 8601 time"),
+        (["--follow", "--state", "dead"], "amiworker: --follow shows events as they are stored"),
+        (["--limit", "-1"], "amiworker: --limit must be 0 or more"),
+        (["--mongo-uri", "http://db"], "amiworker: invalid setting mongo_uri: must start with"),
+    ],
+)
+def test_bad_flags_are_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], log: list[str], args: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, "events", *log, *args)
+    assert code == 2 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("command", [["events"], ["call", CALL], ["status"], ["retry"]])
+def test_unreachable_mongodb_is_one_line_naming_the_uri(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    monkeypatch.setenv("AMIWORKER_CONNECT_TIMEOUT", "0.3")
+    uri = f"mongodb://ops:hunter2@127.0.0.1:{free_port()}/"
+    code, out, err = run(capsys, *command, "--mongo-uri", uri)
+    assert code == 1 and out == ""
+    assert err.startswith("amiworker: MongoDB at mongodb://ops:***@127.0.0.1:")
+    assert "unreachable" in err and "check that it is running" in err
+    assert "hunter2" not in err and err.count("\n") == 1
+
+
+# -- call ------------------------------------------------------------------------------------
+
+
+def test_call_tells_the_story(
+    capsys: pytest.CaptureFixture[str], log: list[str], filled_log_module: FilledLog
+) -> None:
+    code, out, _ = run(capsys, "call", CALL, "--server", "pbx1", *log)
+    assert code == 0
+    assert out.startswith(f"Call {CALL} on pbx1: 34 event(s), 2026-11-26 06:46:21.054 .. ")
+    channels = out[out.index("Channels:") : out.index("Events:")].splitlines()[2:]
+    names = {
+        m["Uniqueid"]: m["Channel"]
+        for m in filled_log_module.messages
+        if m.name == "Newchannel" and m["Linkedid"] == CALL
+    }
+    assert [line.split()[:2] for line in channels if line.strip()] == [
+        [uniqueid, name] for uniqueid, name in names.items()
+    ]
+    assert all("16 Normal Clearing at 06:46:22.05" in line for line in channels if line.strip())
+    events = out[out.index("Events:") : out.index("Projection")].splitlines()[2:]
+    assert len([line for line in events if line.strip()]) == 34
+    assert "LINKEDID" not in out  # one call: the column would say the same on every row
+    assert f"none (no document with _id '{CALL}')" in out
+
+
+def test_call_json_and_unknown_call(capsys: pytest.CaptureFixture[str], log: list[str]) -> None:
+    code, out, _ = run(capsys, "call", FIRST_CALL, "--json", *log)
+    assert code == 0
+    story = json.loads(out)
+    assert story["linkedid"] == FIRST_CALL and story["servers"] == ["pbx1", "pbx2"]
+    assert story["projection"] is None
+    assert {c["uniqueid"] for c in story["channels"]} == {"c20p5038-2-1", "c20p5038-2-2"}
+    assert all(c["hangup_cause"] == "16" for c in story["channels"])
+    assert [s["state"] for s in story["channels"][0]["states"]] == ["Down", "Up"]
+    assert all(doc["linkedid"] in (FIRST_CALL, None) for doc in story["events"])
+
+    code, out, err = run(capsys, "call", "nope", *log)
+    assert (code, out) == (1, "") and err == "amiworker: no event with Linkedid 'nope'\n"
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+def test_status_marks_stale_workers(capsys: pytest.CaptureFixture[str], log: list[str]) -> None:
+    code, out, _ = run(capsys, "status", *log)
+    assert code == 0
+    header, live, stale, summary = out.splitlines()
+    assert header.split() == [
+        "WORKER", "HOST", "PID", "PBXS", "SEEN", "WON", "LOST", "HANDLED", "FAILED", "DROPPED",
+        "QUEUE", "HEARTBEAT",
+    ]  # fmt: skip
+    assert live.startswith(LIVE_WORKER) and "pbx1 up, pbx2 DOWN" in live
+    # SEEN WON LOST HANDLED FAILED DROPPED QUEUE, then "0.2 s ago"
+    assert live.split()[-10:-3] == ["1234", "600", "610", "590", "3", "0", "7"]
+    assert live.endswith("s ago") and "STALE" not in live
+    assert stale.startswith(STALE_WORKER) and stale.endswith("STALE")
+    assert summary == "2 worker(s), 1 STALE (no heartbeat within the 10 s lease)"
+
+    code, out, _ = run(capsys, "status", "--json", *log)
+    rows = {row["worker_id"]: row for row in map(json.loads, out.splitlines())}
+    assert rows[LIVE_WORKER]["stale"] is False and rows[STALE_WORKER]["stale"] is True
+    assert rows[LIVE_WORKER]["counters"]["races_lost"] == 610
+    assert rows[LIVE_WORKER]["servers"]["pbx2"]["connected"] is False
+    assert 0 <= rows[LIVE_WORKER]["heartbeat_age"] < 10
+
+
+# -- retry and replay: on a log of their own --------------------------------------------------
+
+
+@pytest.fixture
+def own_log(mongo_server: EmbeddedMongo) -> Iterator[tuple[list[str], FilledLog]]:
+    name = f"t_{uuid.uuid4().hex[:16]}"
+
+    async def setup() -> FilledLog:
+        client = open_client(mongo_server.uri)
+        try:
+            return await fill(client[name])
+        finally:
+            await close_client(client)
+
+    filled = asyncio.run(setup())
+    yield ["--mongo-uri", mongo_server.uri, "--database", name], filled
+    with MongoClient(mongo_server.uri) as client:
+        client.drop_database(name)
+
+
+def test_retry_requeues_dead_events(
+    capsys: pytest.CaptureFixture[str], own_log: tuple[list[str], FilledLog]
+) -> None:
+    flags, _ = own_log
+    code, out, _ = run(capsys, "retry", "--server", "pbx2", *flags)
+    assert (code, out) == (0, "re-queued 0 dead event(s); running workers retry them within 2 s\n")
+    code, out, _ = run(capsys, "retry", "--event", "Hangup", *flags)
+    assert out.startswith("re-queued 2 dead event(s)")
+    code, out, _ = run(capsys, "events", "--state", "dead", *flags)
+    assert out == ""
+    code, out, _ = run(capsys, "events", "--state", "failed", *flags)
+    assert [row.split()[6] for row in table(out)[1:]] == ["failed"] * 3
+
+
+def test_replay_into_another_database(
+    capsys: pytest.CaptureFixture[str], own_log: tuple[list[str], FilledLog]
+) -> None:
+    flags, filled = own_log
+    target = f"{filled.name}_rebuilt"
+    code, out, err = run(
+        capsys, "replay", "--handlers", "handlers.calls", "--app-dir", str(ROOT),
+        "--into", target, *flags,
+    )  # fmt: skip
+    assert code == 0, err
+    # Newchannel, Newstate, Hangup: 6 per call, 20 calls on pbx1 and one on pbx2.
+    assert out.startswith("replay: 126 event(s) read, 126 handler run(s), 0 failure(s) in ")
+    assert out.endswith(f"(handlers handlers.calls, into database {target})\n")
+
+    async def rebuilt() -> list[dict[str, Any]]:
+        client = open_client(flags[1])
+        try:
+            return [doc async for doc in client[target]["calls"].find({})]
+        finally:
+            await client.drop_database(target)
+            await close_client(client)
+
+    calls = asyncio.run(rebuilt())
+    assert len(calls) == 20 and all(call["active_channels"] == 0 for call in calls)
+    # The log itself is untouched: still two dead events, one failed, one claimed.
+    code, out, _ = run(capsys, "events", "--state", "failed", *flags)
+    assert len(table(out)) == 4
+
+
+def test_replay_refuses_a_broken_handler_module(
+    capsys: pytest.CaptureFixture[str], log: list[str], tmp_path: Path
+) -> None:
+    (tmp_path / "broken.py").write_text("import no_such_module\n")
+    code, out, err = run(capsys, "replay", "--handlers", "broken", "--app-dir", str(tmp_path), *log)
+    assert code == 2 and out == ""
+    assert err.startswith("amiworker: handler module 'broken' failed to import: ")
+
+
+# -- the real entry point, in processes ------------------------------------------------------
+
+
+def entry_point() -> list[str]:
+    script = Path(sys.executable).parent / "amiworker"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "amiworker.cli"]
+
+
+async def test_events_json_from_the_real_command(
+    log: list[str], filled_log_module: FilledLog
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *entry_point(), "events", "--json", "--limit", "3", *log,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    newest = sorted(filled_log_module.docs, key=event_order)[-3:]
+    assert [json.loads(line)["_id"] for line in lines] == [doc["_id"] for doc in newest]
+
+
+class Follower:
+    """``amiworker events --follow --json`` as a child process, its lines as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+
+    async def read(self, count: int, timeout: float = 15.0) -> list[str]:
+        assert self.process.stdout is not None
+        async with asyncio.timeout(timeout):
+            while len(self.lines) < count:
+                line = await self.process.stdout.readline()
+                assert line, f"the follower exited: {await self.stderr()}"
+                self.lines.append(line.decode())
+        return self.lines
+
+    async def stderr(self) -> str:
+        assert self.process.stderr is not None
+        return (await self.process.stderr.read()).decode()
+
+    async def interrupt(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(15):
+            code = await self.process.wait()
+        return code, await self.stderr()
+
+
+@pytest.mark.parametrize("how", [[], ["--poll", "--poll-interval", "0.05"]], ids=["auto", "poll"])
+async def test_follow_prints_events_stored_after_it_started(
+    mongo_server: EmbeddedMongo, database_name: str, capture_events: list[Message], how: list[str]
+) -> None:
+    client = open_client(mongo_server.uri)
+    store = EventStore(client[database_name], "events", "live-worker")
+    old, new = capture_events[:10], capture_events[10:40]
+    try:
+        await store.claim(documents(old, "pbx1"))
+        process = await asyncio.create_subprocess_exec(
+            *entry_point(), "events", "--follow", "--json", "--limit", "4", *how,
+            "--mongo-uri", mongo_server.uri, "--database", database_name,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        follower = Follower(process)
+        try:
+            backlog = list(await follower.read(4))
+            # Stored now, as a worker stores them: received now, in three batches.
+            docs = documents(new, "pbx2")
+            now = datetime.now(UTC)
+            for doc in docs:
+                doc["received_at"] = now
+            for start in range(0, len(docs), 10):
+                await store.claim(docs[start : start + 10])
+            lines = await follower.read(4 + len(docs))
+        finally:
+            if process.returncode is None:
+                code, err = await follower.interrupt()
+                assert code == 130 and "Traceback" not in err, err
+    finally:
+        await client.drop_database(database_name)
+        await close_client(client)
+    assert [json.loads(line)["_id"] for line in backlog] == [
+        doc["_id"] for doc in documents(old, "pbx1")[-4:]
+    ]
+    shown = [json.loads(line)["_id"] for line in lines[4:]]
+    assert sorted(shown) == sorted(doc["_id"] for doc in docs)
