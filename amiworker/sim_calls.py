@@ -199,7 +199,12 @@ class CallEngine:
     # -- calls --------------------------------------------------------------------------
 
     def start_call(self) -> str:
-        """One call exactly like each of the capture's: 39 events over call_duration."""
+        """One call exactly like each of the capture's: 39 events over call_duration.
+
+        It is placed as the capture's dialer placed its calls (an async Originate
+        from another AMI client, ActionID ``<name>-orig-<n>``), so its events
+        include the ``OriginateResponse`` every session sees.
+        """
         n = next(self._background_seq)
         request = OriginateRequest(
             channel="Local/100@test",

@@ -216,10 +216,6 @@ class AMISession(asyncio.Protocol):
             del self._slow[:chunk]
             await asyncio.sleep(interval)
 
-    def wants(self, event_class: str) -> bool:
-        mask = self.event_mask
-        return self.authenticated and (mask is None or event_class in mask)
-
     def set_event_mask(self, value: str) -> None:
         """``on``, ``off`` or a list of classes (``call,system``), as set_eventmask reads it."""
         text = value.strip().lower()
