@@ -237,7 +237,9 @@ def _age(seconds: float | None) -> str:
         return f"{seconds:.1f} s ago"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min ago"
-    return f"{seconds / 3600:.1f} h ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
 
 
 def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) -> None:
@@ -249,6 +251,8 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
     for worker in workers:
         counters = tuple(str(worker.counters.get(field, 0)) for _, field in _COUNTER_COLUMNS)
         heartbeat = _age(worker.age) + ("  STALE" if worker.stale else "")
+        if worker.state != "running":
+            heartbeat += f"  ({worker.state})"
         rows.append(
             (
                 worker.worker_id,
@@ -262,8 +266,11 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
         )
     _print_rows(rows, out)
     stale = sum(worker.stale for worker in workers)
-    note = f", {stale} STALE (no heartbeat within the {lease:g} s lease)" if stale else ""
-    print(f"{len(workers)} worker(s){note}", file=out)
+    stopped = sum(worker.state == "stopped" for worker in workers)
+    notes = [f"{stopped} stopped"] if stopped else []
+    if stale:
+        notes.append(f"{stale} STALE (no heartbeat within the {lease:g} s lease)")
+    print(f"{len(workers)} worker(s)" + "".join(f", {note}" for note in notes), file=out)
 
 
 def worker_json(worker: WorkerStatus) -> str:

@@ -99,6 +99,7 @@ class WorkerStatus:
     """A row of the ``workers`` collection, judged against the lease."""
 
     worker_id: str
+    state: str  # "running", or "stopped" (its final counts, kept until its lease expires)
     host: str | None
     pid: int | None
     servers: Any  # as reported by the worker's PBX pool
@@ -107,7 +108,7 @@ class WorkerStatus:
     started_at: datetime | str | None
     last_seen: datetime | None
     age: float | None  # seconds since the last heartbeat, by the MongoDB server's clock
-    stale: bool  # no heartbeat within the lease: its claimed events get taken over
+    stale: bool  # running, but no heartbeat within the lease: its events get taken over
 
 
 # -- the API ---------------------------------------------------------------------------------
@@ -335,7 +336,9 @@ class EventQuery:
     # -- the fleet and dead events -------------------------------------------------------
 
     async def workers(self, lease: float) -> list[WorkerStatus]:
-        """Every worker row; ``stale`` when its last heartbeat is older than ``lease`` s."""
+        """Every worker row; ``stale`` when it runs but its last heartbeat is older than
+        ``lease`` s. A worker that stopped cleanly keeps its row (``state="stopped"``,
+        final counts) until a live worker removes it."""
         now = await self.server_time()
         with self.errors("list workers"):
             rows = [doc async for doc in self.database[WORKERS_COLLECTION].find({}).sort("_id", 1)]
@@ -407,8 +410,10 @@ def _worker_status(row: Mapping[str, Any], now: datetime, lease: float) -> Worke
     counters = row.get("counters") or {}
     pid = row.get("pid")
     depth = row.get("queue_depth")
+    state = str(row.get("state") or "running")
     return WorkerStatus(
         worker_id=str(row["_id"]),
+        state=state,
         host=row.get("host"),
         pid=int(pid) if isinstance(pid, int | float) else None,
         servers=row.get("servers"),
@@ -417,5 +422,5 @@ def _worker_status(row: Mapping[str, Any], now: datetime, lease: float) -> Worke
         started_at=row.get("started_at"),
         last_seen=last_seen,
         age=age,
-        stale=age is None or age > lease,
+        stale=state != "stopped" and (age is None or age > lease),
     )

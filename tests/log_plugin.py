@@ -39,6 +39,7 @@ CAPTURE = Path(__file__).parent / "fixtures" / "asterisk22-20-calls.txt"
 FILL_WORKER = "fill-worker"
 LIVE_WORKER = "host-a-w0-101-abc123"
 STALE_WORKER = "host-b-w1-202-def456"
+STOPPED_WORKER = "host-c-w0-303-aaa111"
 ERROR = "ValueError: no such extension (handlers/billing.py:42)"
 # The first call of the capture, stored as pbx1's and pbx2's.
 FIRST_CALL = "c20p5038-2-1"
@@ -113,6 +114,7 @@ async def add_workers(database: Any) -> None:
     live = EventStore(database, "events", LIVE_WORKER)
     await live.heartbeat(
         {
+            "state": "running",
             "started_at": datetime(2026, 11, 26, 6, 0, tzinfo=UTC),
             "servers": {
                 "pbx1": {"connected": True, "reconnects": 0},
@@ -139,6 +141,18 @@ async def add_workers(database: Any) -> None:
             "counters": {"events_seen": 5},
             "queue_depth": 0,
             "last_seen": datetime(2026, 1, 1, tzinfo=UTC),
+        }
+    )
+    await database["workers"].insert_one(
+        {
+            "_id": STOPPED_WORKER,
+            "state": "stopped",
+            "host": "host-c",
+            "pid": 303,
+            "servers": {"pbx1": {"connected": False}},
+            "counters": {"events_seen": 77},
+            "queue_depth": 0,
+            "last_seen": datetime(2026, 1, 2, tzinfo=UTC),
         }
     )
 

@@ -33,6 +33,7 @@ from tests.log_plugin import (
     FIRST_CALL,
     LIVE_WORKER,
     STALE_WORKER,
+    STOPPED_WORKER,
     FilledLog,
     documents,
     fill,
@@ -237,7 +238,7 @@ def test_call_json_and_unknown_call(capsys: pytest.CaptureFixture[str], log: lis
 def test_status_marks_stale_workers(capsys: pytest.CaptureFixture[str], log: list[str]) -> None:
     code, out, _ = run(capsys, "status", *log)
     assert code == 0
-    header, live, stale, summary = out.splitlines()
+    header, live, stale, stopped, summary = out.splitlines()
     assert header.split() == [
         "WORKER", "HOST", "PID", "PBXS", "SEEN", "WON", "LOST", "HANDLED", "FAILED", "DROPPED",
         "QUEUE", "HEARTBEAT",
@@ -246,12 +247,14 @@ def test_status_marks_stale_workers(capsys: pytest.CaptureFixture[str], log: lis
     # SEEN WON LOST HANDLED FAILED DROPPED QUEUE, then "0.2 s ago"
     assert live.split()[-10:-3] == ["1234", "600", "610", "590", "3", "0", "7"]
     assert live.endswith("s ago") and "STALE" not in live
-    assert stale.startswith(STALE_WORKER) and stale.endswith("STALE")
-    assert summary == "2 worker(s), 1 STALE (no heartbeat within the 10 s lease)"
+    assert stale.startswith(STALE_WORKER) and stale.endswith("days ago  STALE")
+    assert stopped.startswith(STOPPED_WORKER) and stopped.endswith("days ago  (stopped)")
+    assert summary == "3 worker(s), 1 stopped, 1 STALE (no heartbeat within the 10 s lease)"
 
     code, out, _ = run(capsys, "status", "--json", *log)
     rows = {row["worker_id"]: row for row in map(json.loads, out.splitlines())}
     assert rows[LIVE_WORKER]["stale"] is False and rows[STALE_WORKER]["stale"] is True
+    assert rows[STOPPED_WORKER]["state"] == "stopped" and rows[STOPPED_WORKER]["stale"] is False
     assert rows[LIVE_WORKER]["counters"]["races_lost"] == 610
     assert rows[LIVE_WORKER]["servers"]["pbx2"]["connected"] is False
     assert 0 <= rows[LIVE_WORKER]["heartbeat_age"] < 10

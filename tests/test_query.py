@@ -30,6 +30,7 @@ from tests.log_plugin import (
     FIRST_CALL,
     LIVE_WORKER,
     STALE_WORKER,
+    STOPPED_WORKER,
     FilledLog,
     documents,
 )
@@ -262,7 +263,11 @@ async def test_workers_judged_by_the_lease(shared_log: FilledLog) -> None:
     assert live.counters["races_won"] == 600 and live.queue_depth == 7
     assert live.servers["pbx2"] == {"connected": False, "reconnects": 3}
     assert stale.stale and stale.age is not None and stale.age > 10
-    assert stale.pid == 202 and stale.host == "host-b"
+    assert stale.pid == 202 and stale.host == "host-b" and stale.state == "running"
+    stopped = workers[STOPPED_WORKER]  # stopped cleanly: old, but not stale
+    assert (
+        stopped.state == "stopped" and not stopped.stale and stopped.counters["events_seen"] == 77
+    )
 
 
 async def test_retry_dead(filled_log: FilledLog) -> None:
