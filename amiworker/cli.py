@@ -28,16 +28,16 @@ EXIT_BAD_SETTINGS = 2
 
 # Flags that map one-to-one onto settings (flag -> field); None means "not given".
 _SETTING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--workers", "workers", {"type": int, "help": "worker processes (default 1)"}),
+    ("--workers", "workers", {"help": "worker processes (default 1)"}),
     ("--handlers", "handlers", {"help": "handler modules, comma-separated (default: handlers)"}),
     ("--app-dir", "app_dir", {"help": "directory handler modules are imported from (default .)"}),
     ("--mongo-uri", "mongo_uri", {"help": "MongoDB connection string"}),
     ("--database", "database", {"help": "MongoDB database (default amiworker)"}),
-    ("--driver", "driver", {"choices": ["pymongo", "motor"], "help": "MongoDB driver"}),
-    ("--race", "race", {"choices": ["channel", "all", "none"], "help": "which events race"}),
+    ("--driver", "driver", {"help": "MongoDB driver: pymongo or motor"}),
+    ("--race", "race", {"help": "which events race: channel, all or none"}),
     ("--log-level", "log_level", {"help": "DEBUG, INFO, WARNING, ERROR"}),
-    ("--log-format", "log_format", {"choices": ["text", "json"]}),
-    ("--metrics-port", "metrics_port", {"type": int, "help": "serve Prometheus metrics here"}),
+    ("--log-format", "log_format", {"help": "text or json"}),
+    ("--metrics-port", "metrics_port", {"help": "serve Prometheus metrics here"}),
 ]
 
 
@@ -94,12 +94,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return asyncio.run(run_check(settings))
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from amiworker import simulator
-
-    return simulator.main(args.rest)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from amiworker.demo import run_demo
 
@@ -144,11 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(check)
     check.set_defaults(func=cmd_check)
 
-    simulate = commands.add_parser(
-        "simulate", help="run a simulated PBX (see amiworker simulate --help)", add_help=False
-    )
-    simulate.add_argument("rest", nargs=argparse.REMAINDER)
-    simulate.set_defaults(func=cmd_simulate)
+    # Listed for --help; main() hands its arguments to the simulator's own parser.
+    commands.add_parser("simulate", help="run a simulated PBX (see amiworker simulate --help)")
 
     demo = commands.add_parser(
         "demo", help="run the demo: an embedded store, two simulated PBXs, four workers"
@@ -175,6 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         arguments[0] not in _COMMANDS and arguments[0] not in ("-h", "--help", "--version")
     ):
         arguments.insert(0, "run")
+    if arguments[0] == "simulate":
+        # The simulator has its own parser (python -m amiworker.simulator); pass it all.
+        from amiworker import simulator
+
+        return simulator.main(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     func: Callable[[argparse.Namespace], int] = args.func

@@ -141,14 +141,17 @@ class Worker:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run until :meth:`stop`; then stop gracefully."""
-        await self.store.ensure_indexes(self.settings.ttl_days)
-        await self.store.heartbeat(self.heartbeat_info())
+        """Run until :meth:`stop`; then stop gracefully.
+
+        MongoDB need not be reachable at start: the AMI sessions open anyway and
+        events wait in the claim buffer until it is.
+        """
         tasks = [
             asyncio.create_task(self.claimer.run(), name="claims"),
             asyncio.create_task(self.outcomes.run(), name="outcomes"),
             asyncio.create_task(self._heartbeats(), name="heartbeat"),
             asyncio.create_task(self._reclaims(), name="reclaim"),
+            asyncio.create_task(self._prepare_store(), name="indexes"),
         ]
         await self.pool.start()
         log.info(
@@ -207,6 +210,22 @@ class Worker:
             "counters": self.stats.as_dict(),
             "queue_depth": self.claimer.depth + self.scheduler.depth,
         }
+
+    async def _prepare_store(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.store.ensure_indexes(self.settings.ttl_days)
+                return
+            except StoreUnavailable as exc:
+                if delay == 0.5:
+                    log.error(
+                        "%s. Reading AMI on, holding up to %d events meanwhile",
+                        exc,
+                        self.settings.buffer_size,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _heartbeats(self) -> None:
         while True:
