@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.mongo_plugin", "tests.sim_plugin", "tests.log_plugin"]
+pytest_plugins = [
+    "tests.mongo_plugin",
+    "tests.sim_plugin",
+    "tests.log_plugin",
+    "tests.fleet_plugin",
+]
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

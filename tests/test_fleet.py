@@ -1,14 +1,13 @@
 """The mission, end to end: real worker processes, real simulated PBXs, a real MongoDB server.
 
-4 workers each hold a session to 2 PBXs; every channel event must be stored
+Workers each hold a session to every PBX; every channel event must be stored
 exactly once and handled exactly once, every other event handled by every
-worker.
+worker, and a worker that loses its AMI connection for a while loses nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,62 +15,25 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.dedup import DedupKeys, races
 from amiworker.devstack import FleetProcess, SimulatorProcess
 from amiworker.embedded_mongo import EmbeddedMongo
+from tests.fleet_plugin import (
+    CHANNEL_EVENTS_PER_CALL,
+    channel_keys,
+    pace_calls,
+    read_invocations,
+    wait_connected,
+)
+from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
-# Handler module used by the fleet tests: records every invocation to a file per
-# worker process (one line each), so the test can count runs per event.
-RECORDING_HANDLERS = textwrap.dedent(
-    '''
-    """Records every invocation: server, event id (or raw digest), event name, worker."""
-    import hashlib
-    import os
-
-    OUT = os.environ["RECORD_DIR"]
-
-    async def _record(ctx, event):
-        key = ctx.event_id or "local:" + hashlib.blake2b(event.raw, digest_size=16).hexdigest()
-        with open(os.path.join(OUT, f"{os.getpid()}.log"), "a") as out:
-            out.write(f"{ctx.server} {key} {event.name} {ctx.worker_id}\\n")
-
-    for _name in ("Newchannel", "Newexten", "VarSet", "NewCallerid", "NewConnectedLine",
-                  "Newstate", "SoftHangupRequest", "HangupRequest", "Hangup", "LocalBridge",
-                  "DialBegin", "DialEnd", "OriginateResponse", "DeviceStateChange"):
-        globals()[_name + "Handler"] = _record
-    '''
-)
-
-
-def read_invocations(record_dir: Path) -> list[tuple[str, str, str, str]]:
-    rows = []
-    for path in record_dir.glob("*.log"):
-        for line in path.read_text().splitlines():
-            server, key, name, worker = line.split(" ")
-            rows.append((server, key, name, worker))
-    return rows
-
-
-def channel_keys(simulator: SimulatorProcess) -> list[str]:
-    keys = DedupKeys(simulator.name, window=float("inf"))
-    return [keys.key(m.raw, 0.0) for m in simulator.recorded_events() if races(m, "channel")]
-
-
-@pytest.fixture
-def app_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "app"
-    directory.mkdir()
-    (directory / "recording.py").write_text(RECORDING_HANDLERS)
-    (tmp_path / "record").mkdir()
-    return directory
-
 
 async def test_four_workers_two_pbxs_store_and_handle_each_channel_event_once(
-    tmp_path: Path, app_dir: Path, mongo_server: EmbeddedMongo
+    tmp_path: Path, recording_app: tuple[Path, Path], mongo_server: EmbeddedMongo
 ) -> None:
+    app_dir, record_dir = recording_app
     calls = 500
     simulators = [SimulatorProcess(f"pbx{i}", tmp_path, duration=0.5).start() for i in (1, 2)]
     fleet = FleetProcess(
@@ -82,25 +44,19 @@ async def test_four_workers_two_pbxs_store_and_handle_each_channel_event_once(
         workers=4,
         handlers=["recording"],
         app_dir=app_dir,
-        extra_env={"RECORD_DIR": str(tmp_path / "record"), "AMIWORKER_LOG_LEVEL": "INFO"},
+        extra_env={"RECORD_DIR": str(record_dir)},
     ).start()
     client: MongoClient[dict[str, Any]] = MongoClient(mongo_server.uri)
     db = client["fleet_once"]
     try:
+        # Calls start once every worker sees every PBX, so every worker sees every event.
+        await asyncio.to_thread(wait_connected, db, 4, ["pbx1", "pbx2"])
+        await asyncio.to_thread(pace_calls, simulators, calls, 100)
         await wait_for(
             lambda: (
-                db.workers.count_documents({"servers.pbx2.connected": True}) == 4
-                and db.workers.count_documents({"servers.pbx1.connected": True}) == 4
+                db.events.count_documents({"state": "done"}) >= calls * 2 * CHANNEL_EVENTS_PER_CALL
             ),
-            timeout=30,
-            what="4 workers connected to both PBXs",
-        )
-        # Start the calls only now, so every worker sees every event.
-        await asyncio.gather(*(start_calls(s, calls, rate=100) for s in simulators))
-        # 35 of the 39 events of a call carry a Uniqueid (DeviceStateChange does not).
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= calls * 2 * 35,
-            timeout=240,
+            timeout=300,
             what="every channel event stored and handled",
             interval=0.5,
         )
@@ -111,39 +67,94 @@ async def test_four_workers_two_pbxs_store_and_handle_each_channel_event_once(
         for simulator in simulators:
             simulator.stop()
 
+    expected: set[str] = set()
     for simulator in simulators:
-        # Recompute from what the PBX really sent: stored exactly once, none missing.
+        # Recomputed from what the PBX really sent: stored exactly once, none missing.
         sent = channel_keys(simulator)
         stored = [d["_id"] for d in db.events.find({"server": simulator.name}, {"_id": 1})]
-        assert len(sent) == len(set(sent)) == calls * 35
+        assert len(sent) == len(set(sent)) == calls * CHANNEL_EVENTS_PER_CALL
         assert sorted(stored) == sorted(sent)
+        expected |= set(sent)
 
-    expected = {s.name: channel_keys(s) for s in simulators}
-    runs = read_invocations(tmp_path / "record")
-    channel_runs = Counter(key for _, key, _, _ in runs if not key.startswith("local:"))
-    all_keys = {k for keys in expected.values() for k in keys}
-    assert set(channel_runs) == all_keys
+    runs = read_invocations(record_dir)
+    channel_runs = Counter(r.key for r in runs if not r.key.startswith("local:"))
+    assert set(channel_runs) == expected
     assert set(channel_runs.values()) == {1}, "a channel event was handled more than once"
-    local_runs = Counter((server, key) for server, key, _, _ in runs if key.startswith("local:"))
     # DeviceStateChange (no Uniqueid) is handled by every worker: 4 runs each.
-    assert len(local_runs) >= calls * 2 * 4 * 0.99
+    local_runs = Counter((r.server, r.key) for r in runs if r.key.startswith("local:"))
+    assert len(local_runs) == calls * 2 * 4
     assert set(local_runs.values()) == {4}
-    workers = {worker for _, _, _, worker in runs}
-    assert len(workers) == 4
+    assert len({r.worker for r in runs}) == 4
     assert db.events.count_documents({"attempts": {"$gt": 0}}) == 0
 
 
-async def start_calls(simulator: SimulatorProcess, count: int, rate: float) -> None:
-    """Start ``count`` calls at about ``rate`` calls/s (paced here, in steps of 0.1 s)."""
-    from tests.sim_plugin import RawAMI
-
-    client = await RawAMI.connect(simulator.port)
+async def test_a_worker_whose_ami_connection_is_cut_loses_nothing(
+    tmp_path: Path, recording_app: tuple[Path, Path], mongo_server: EmbeddedMongo
+) -> None:
+    """One worker reaches the PBX through a proxy that the test cuts for 3 s mid-run;
+    the other workers' claims cover what it missed."""
+    app_dir, record_dir = recording_app
+    calls = 150
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
+    proxy = await TcpProxy(simulator.port).start()
+    direct = simulator.server_setting()
+    proxied = {**direct, "port": proxy.port}
+    database = "fleet_cut"
+    env = {
+        "RECORD_DIR": str(record_dir),
+        "AMIWORKER_RECONNECT_MIN": "0.1",
+        "AMIWORKER_RECONNECT_MAX": "0.5",
+    }
+    fleets = [
+        FleetProcess(
+            tmp_path / name,
+            servers=[servers],
+            mongo_uri=mongo_server.uri,
+            database=database,
+            workers=workers,
+            handlers=["recording"],
+            app_dir=app_dir,
+            extra_env=env,
+        ).start()
+        for name, servers, workers in (("cut", proxied, 1), ("direct", direct, 2))
+    ]
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_server.uri)
+    db = client[database]
     try:
-        await client.login("amiworker", "demo-secret")
-        step = max(1, round(rate / 10))
-        for started in range(0, count, step):
-            reply = await client.action("SimCalls", {"Count": min(step, count - started)})
-            assert reply.name == "Success", reply.text
-            await asyncio.sleep(0.1)  # pacing the load, not waiting for a result
+        await asyncio.to_thread(wait_connected, db, 3, ["pbx1"])
+        calls_done = asyncio.create_task(asyncio.to_thread(pace_calls, [simulator], calls, 50))
+        await wait_for(lambda: db.events.estimated_document_count() > 1000, 60, "calls flowing")
+        proxy.cut()
+        await wait_for(
+            lambda: "pbx1" in fleets[0].log_text() and "lost" in fleets[0].log_text(),
+            10,
+            "the cut worker to notice",
+        )
+        await asyncio.sleep(3)  # the outage itself: the point of the test is its length
+        proxy.restore()
+        await calls_done
+        await wait_for(
+            lambda: db.events.count_documents({"state": "done"}) >= calls * CHANNEL_EVENTS_PER_CALL,
+            timeout=180,
+            what="every channel event stored and handled",
+            interval=0.5,
+        )
+        await wait_for(lambda: proxy.accepted >= 2, 30, "the cut worker to reconnect")
+        for fleet in fleets:
+            assert fleet.stop() == 0
     finally:
-        await client.close()
+        for fleet in fleets:
+            if fleet.process and fleet.process.poll() is None:
+                fleet.process.kill()
+        await proxy.close()
+        simulator.stop()
+
+    sent = channel_keys(simulator)
+    stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
+    assert sorted(stored) == sorted(sent)
+    runs = Counter(r.key for r in read_invocations(record_dir) if not r.key.startswith("local:"))
+    assert set(runs) == set(sent)
+    assert set(runs.values()) == {1}
+    cut_log = fleets[0].log_text()
+    assert sum("lost" in line and "pbx1" in line for line in cut_log.splitlines()) == 1
+    assert sum("is back" in line or "back after" in line for line in cut_log.splitlines()) >= 1

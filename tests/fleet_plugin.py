@@ -1,0 +1,172 @@
+"""pytest plugin: whole fleets as real processes, and what the end-to-end tests check with.
+
+- ``RECORDING_HANDLERS``: a handler module that appends one line per invocation
+  (server, event id or raw digest, event name, worker) to a file per process.
+- ``recording_app``: a tmp app dir with that module, and the record dir.
+- ``fleet_run`` (session): simulated PBXs + ``amiworker --workers 2`` with the
+  example ``calls`` handlers + the session's nx-27017, after 20 calls per PBX;
+  every process stopped, the database left for queries.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from amiworker.dedup import DedupKeys, races
+from amiworker.devstack import FleetProcess, SimulatorProcess, wait_until
+from amiworker.embedded_mongo import EmbeddedMongo
+
+REPO = Path(__file__).resolve().parent.parent
+CHANNEL_EVENTS_PER_CALL = 35  # of 39: DeviceStateChange (4) carries no Uniqueid
+
+RECORDING_HANDLERS = textwrap.dedent(
+    '''
+    """Records every invocation: server, event id (or raw digest), event name, worker."""
+    import hashlib
+    import os
+
+    OUT = os.environ["RECORD_DIR"]
+
+    def _record(ctx, event):
+        key = ctx.event_id or "local:" + hashlib.blake2b(event.raw, digest_size=16).hexdigest()
+        line = f"{ctx.server} {key} {event.name} {ctx.worker_id}\\n"
+        # One write of one short line to an O_APPEND file: whole, even if killed.
+        path = os.path.join(OUT, f"{os.getpid()}.log")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    for _name in ("Newchannel", "Newexten", "VarSet", "NewCallerid", "NewConnectedLine",
+                  "Newstate", "SoftHangupRequest", "HangupRequest", "Hangup", "LocalBridge",
+                  "DialBegin", "DialEnd", "OriginateResponse", "DeviceStateChange"):
+        globals()[_name + "Handler"] = _record
+    '''
+)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    server: str
+    key: str
+    event: str
+    worker: str
+
+
+def read_invocations(record_dir: Path) -> list[Invocation]:
+    rows = []
+    for path in record_dir.glob("*.log"):
+        for line in path.read_text().splitlines():
+            parts = line.split(" ")
+            if len(parts) == 4:
+                rows.append(Invocation(*parts))
+    return rows
+
+
+def channel_keys(simulator: SimulatorProcess) -> list[str]:
+    """The dedup keys of every channel event the simulator sent, computed as workers do."""
+    keys = DedupKeys(simulator.name, window=float("inf"))
+    return [keys.key(m.raw, 0.0) for m in simulator.recorded_events() if races(m, "channel")]
+
+
+@pytest.fixture
+def recording_app(tmp_path: Path) -> tuple[Path, Path]:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "recording.py").write_text(RECORDING_HANDLERS)
+    record_dir = tmp_path / "record"
+    record_dir.mkdir()
+    return app_dir, record_dir
+
+
+def wait_connected(db: Any, workers: int, servers: list[str], timeout: float = 60.0) -> None:
+    """Until ``workers`` heartbeats say they hold a session to every PBX."""
+    everywhere = {f"servers.{name}.connected": True for name in servers}
+    everywhere["state"] = "running"
+    wait_until(
+        lambda: db.workers.count_documents(everywhere) >= workers,
+        timeout,
+        f"{workers} workers connected to {', '.join(servers)}",
+        0.1,
+    )
+
+
+def pace_calls(simulators: list[SimulatorProcess], count: int, rate: float) -> None:
+    """Start ``count`` calls on each simulator at ``rate`` calls/s (blocking)."""
+    import time
+
+    controls = [s.control() for s in simulators]
+    try:
+        started, since = 0, time.monotonic()
+        while started < count:
+            due = min(count, int((time.monotonic() - since) * rate) + 1)
+            if due > started:
+                for control in controls:
+                    control.action("SimCalls", {"Count": due - started})
+                started = due
+            time.sleep(0.05)  # pacing the load, not waiting for a result
+    finally:
+        for control in controls:
+            control.close()
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    mongo_uri: str
+    database: str
+    servers: list[str]
+    calls_per_server: int
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def fleet_run(
+    mongo_server: EmbeddedMongo, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FleetRun]:
+    workdir = tmp_path_factory.mktemp("fleet-run")
+    calls, database = 20, "fleet_run"
+    simulators = [SimulatorProcess(f"pbx{i}", workdir, duration=0.3) for i in (1, 2)]
+    fleet: FleetProcess | None = None
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo_server.uri)
+    db = client[database]
+    try:
+        for simulator in simulators:
+            simulator.start()
+        fleet = FleetProcess(
+            workdir / "fleet",
+            servers=[s.server_setting() for s in simulators],
+            mongo_uri=mongo_server.uri,
+            database=database,
+            workers=2,
+            app_dir=REPO,
+            extra_env={"AMIWORKER_HEARTBEAT_INTERVAL": "0.5", "AMIWORKER_LEASE": "5"},
+        ).start()
+        wait_connected(db, 2, [s.name for s in simulators])
+        pace_calls(simulators, calls, rate=20)
+        expected = calls * len(simulators)
+        wait_until(
+            lambda: (
+                db.calls.count_documents({"end": {"$ne": None}}) >= expected
+                and db.events.count_documents({"state": "done"})
+                >= expected * CHANNEL_EVENTS_PER_CALL
+            ),
+            120,
+            "every call of the fleet run stored, handled and projected",
+            0.2,
+        )
+        assert fleet.stop() == 0, fleet.log_text()[-3000:]
+        yield FleetRun(mongo_server.uri, database, [s.name for s in simulators], calls, workdir)
+    finally:
+        if fleet is not None and fleet.process is not None and fleet.process.poll() is None:
+            fleet.process.kill()
+        for simulator in simulators:
+            simulator.stop()
+        client.close()
