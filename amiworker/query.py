@@ -245,7 +245,7 @@ class EventQuery:
     async def event_names(self, flt: EventFilter) -> list[str]:
         """The distinct event names among the events matching ``flt``."""
         with self.errors("list event names"):
-            names = await self.events_collection.distinct("event", flt.mongo())
+            names = await self.events_collection.distinct("event", flt.mongo(covering=True))
         return sorted(str(name) for name in names if name)
 
     async def scan(self, flt: EventFilter, batch_size: int = 1000) -> AsyncIterator[dict[str, Any]]:

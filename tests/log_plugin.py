@@ -14,28 +14,39 @@ Fixtures:
 - ``filled_log_module``: the same, filled once per test module (``database``
   is None: its client is closed), for tests that only read: do not change it.
 - ``shared_log``: ``filled_log_module`` opened with the test's driver.
+- ``live_worker``: ``(worker, [pbx1, pbx2])``, a real :class:`Worker` running
+  in-process against two :class:`FakePBX` and nx-27017; start calls with
+  ``await pbx.start_call()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pymongo import MongoClient
 
 from amiworker.dedup import DedupKeys, races
+from amiworker.dispatch import load_handlers
 from amiworker.documents import event_document
 from amiworker.embedded_mongo import EmbeddedMongo
 from amiworker.mongo import close_client, open_client
 from amiworker.protocol import Message, Parser
+from amiworker.settings import Settings
+from amiworker.simulator import FakePBX
 from amiworker.store import EventStore
+from amiworker.worker import Worker
 
-CAPTURE = Path(__file__).parent / "fixtures" / "asterisk22-20-calls.txt"
+ROOT = Path(__file__).parent.parent
+CAPTURE = ROOT / "tests" / "fixtures" / "asterisk22-20-calls.txt"
 FILL_WORKER = "fill-worker"
 LIVE_WORKER = "host-a-w0-101-abc123"
 STALE_WORKER = "host-b-w1-202-def456"
@@ -194,3 +205,47 @@ def filled_log_module(mongo_server: EmbeddedMongo) -> Iterator[FilledLog]:
 @pytest.fixture
 def shared_log(filled_log_module: FilledLog, mongo_client: Any) -> FilledLog:
     return replace(filled_log_module, database=mongo_client[filled_log_module.name])
+
+
+@pytest.fixture
+async def live_worker(
+    fake_pbx_factory: Callable[..., Awaitable[FakePBX]],
+    mongo_uri: str,
+    database_name: str,
+) -> AsyncIterator[tuple[Worker, list[FakePBX]]]:
+    pbxs = [await fake_pbx_factory(name=f"pbx{i}") for i in (1, 2)]
+    settings = Settings.load(
+        None,
+        env_file=None,
+        servers=[
+            {
+                "name": pbx.name,
+                "host": pbx.host,
+                "port": pbx.port,
+                "username": pbx.username,
+                "secret": pbx.secret,
+            }
+            for pbx in pbxs
+        ],
+        mongo_uri=mongo_uri,
+        database=database_name,
+        heartbeat_interval=0.1,
+        lease=1.0,
+        handlers=["handlers.calls"],
+        app_dir=ROOT,
+    )
+    """A real Worker (in-process) holding sessions with two simulated PBXs, handlers
+    handlers.calls, on a fresh database; stopped and dropped afterwards."""
+    path_before = list(sys.path)
+    worker = Worker(settings, load_handlers(settings.handlers, settings.app_dir))
+    task = asyncio.create_task(worker.run())
+    try:
+        await worker.pool.wait_connected(10)
+        yield worker, pbxs
+    finally:
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+        sys.path[:] = path_before
+        with MongoClient(mongo_uri) as client:
+            client.drop_database(database_name)

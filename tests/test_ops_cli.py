@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -44,12 +45,21 @@ CALL = "c20p5038-3-1"
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No .env file or AMIWORKER_* variable of the machine running the tests."""
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No .env file or AMIWORKER_* variable of the machine running the tests; the
+    logging set up by a command (a handler on this test's stderr) undone after it."""
     for name in list(os.environ):
         if name.startswith("AMIWORKER_"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in ("amiworker", "handlers")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
 
 
 @pytest.fixture
