@@ -28,7 +28,10 @@ from amiworker.embedded_mongo import EmbeddedMongo, free_port
 from amiworker.event_filter import event_order
 from amiworker.mongo import close_client, open_client
 from amiworker.protocol import Message
+from amiworker.simulator import FakePBX
 from amiworker.store import EventStore
+from amiworker.worker import Worker
+from tests.fleet_plugin import CHANNEL_EVENTS_PER_CALL, FleetRun
 from tests.log_plugin import (
     ERROR,
     FIRST_CALL,
@@ -385,9 +388,13 @@ class Follower:
         return (await self.process.stderr.read()).decode()
 
     async def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C; every line printed until then is in ``lines``."""
+        assert self.process.stdout is not None
         self.process.send_signal(signal.SIGINT)
         async with asyncio.timeout(15):
+            rest = await self.process.stdout.read()
             code = await self.process.wait()
+        self.lines += rest.decode().splitlines(keepends=True)
         return code, await self.stderr()
 
 
@@ -416,6 +423,7 @@ async def test_follow_prints_events_stored_after_it_started(
             for start in range(0, len(docs), 10):
                 await store.claim(docs[start : start + 10])
             lines = await follower.read(4 + len(docs))
+            await asyncio.sleep(0.3)  # a few more polls: nothing may come twice
         finally:
             if process.returncode is None:
                 code, err = await follower.interrupt()
@@ -428,3 +436,147 @@ async def test_follow_prints_events_stored_after_it_started(
     ]
     shown = [json.loads(line)["_id"] for line in lines[4:]]
     assert sorted(shown) == sorted(doc["_id"] for doc in docs)
+
+
+# -- against a real fleet run: simulated PBXs, `amiworker --workers 2`, calls projection ------
+
+
+@pytest.fixture
+def fleet(fleet_run: FleetRun) -> Iterator[tuple[list[str], Any]]:
+    """The setting flags for the fleet run's database, and that database (PyMongo)."""
+    with MongoClient(fleet_run.mongo_uri, tz_aware=True) as client:
+        yield (
+            ["--mongo-uri", fleet_run.mongo_uri, "--database", fleet_run.database],
+            client[fleet_run.database],
+        )
+
+
+def test_fleet_run_events_table_and_json(
+    capsys: pytest.CaptureFixture[str], fleet: tuple[list[str], Any]
+) -> None:
+    flags, db = fleet
+    # Asterisk's Timestamp (fixed width, microseconds) orders one PBX's events.
+    newest = list(
+        db.events.find({"server": "pbx2", "event": "Hangup"}).sort("headers.timestamp", -1).limit(6)
+    )[::-1]
+    code, out, _ = run(capsys, "events", "--server", "pbx2", "--event", "Hangup", "--limit", "6",
+                       "--json", *flags)  # fmt: skip
+    assert code == 0
+    docs = [json.loads(line) for line in out.splitlines()]
+    assert [doc["_id"] for doc in docs] == [doc["_id"] for doc in newest]
+    assert all(doc["state"] == "done" and doc["headers"]["cause"] for doc in docs)
+
+    code, out, _ = run(capsys, "events", "--server", "pbx2", "--event", "Hangup", "--limit", "6",
+                       *flags)  # fmt: skip
+    rows = table(out)[1:]
+    assert [row.split()[4] for row in rows] == [doc["uniqueid"] for doc in newest]
+    assert all(" cause=" in row and row.split()[6] == "done" for row in rows)
+
+    code, out, err = run(capsys, "events", "--state", "failed", *flags)
+    assert (code, out, err) == (0, "", "no events match\n")
+
+
+def test_fleet_run_call(capsys: pytest.CaptureFixture[str], fleet: tuple[list[str], Any]) -> None:
+    flags, db = fleet
+    projection = db.calls.find_one({"server": "pbx1"}, sort=[("_id", 1)])
+    linkedid = projection["_id"]
+    found = list(db.events.find({"server": "pbx1", "linkedid": linkedid}))
+    channels = {doc["uniqueid"] for doc in found}
+    found += db.events.find({"server": "pbx1", "uniqueid": {"$in": sorted(channels)}})
+    count = len({doc["_id"] for doc in found})
+    assert count == CHANNEL_EVENTS_PER_CALL
+    code, out, _ = run(capsys, "call", linkedid, "--server", "pbx1", *flags)
+    assert code == 0
+    assert out.startswith(f"Call {linkedid} on pbx1: {count} event(s), ")
+    for name in projection["channels"]:
+        assert f"  {name}  " in out
+    assert '"hangup_cause_txt": "Normal Clearing"' in out.split("Projection (calls):")[1]
+
+    code, out, _ = run(capsys, "call", linkedid, "--server", "pbx1", "--json", *flags)
+    story = json.loads(out)
+    assert len(story["events"]) == count
+    assert sorted(c["name"] for c in story["channels"]) == projection["channels"]
+    assert story["projection"]["_id"] == linkedid
+    assert story["projection"]["duration"] == projection["duration"]
+    assert {c["hangup_cause"] for c in story["channels"]} == {str(projection["hangup_cause"])}
+
+
+def test_fleet_run_status_and_retry(
+    capsys: pytest.CaptureFixture[str], fleet: tuple[list[str], Any], fleet_run: FleetRun
+) -> None:
+    flags, db = fleet
+    code, out, _ = run(capsys, "status", "--json", *flags)
+    assert code == 0
+    workers = [json.loads(line) for line in out.splitlines()]
+    assert len(workers) == 2 and {w["state"] for w in workers} == {"stopped"}
+    assert not any(w["stale"] for w in workers)
+    # Every channel event was won by exactly one of them.
+    assert sum(w["counters"]["races_won"] for w in workers) == db.events.count_documents({})
+    for worker in workers:
+        row = db.workers.find_one({"_id": worker["worker_id"]})
+        assert worker["counters"] == row["counters"] and worker["pid"] == row["pid"]
+
+    code, out, _ = run(capsys, "status", *flags)
+    lines = out.splitlines()
+    assert len(lines) == 4 and lines[-1] == "2 worker(s), 2 stopped"
+    assert all(f"pbx{i} " in line for line in lines[1:3] for i in (1, 2))
+
+    code, out, _ = run(capsys, "retry", *flags)
+    assert out.startswith("re-queued 0 dead event(s)")
+
+
+def test_fleet_run_replay_rebuilds_the_live_projection(
+    capsys: pytest.CaptureFixture[str], fleet: tuple[list[str], Any], fleet_run: FleetRun
+) -> None:
+    flags, db = fleet
+    target = f"{fleet_run.database}_{uuid.uuid4().hex[:8]}"
+    live = {doc["_id"]: doc for doc in db.calls.find({})}
+    assert len(live) == fleet_run.calls_per_server * len(fleet_run.servers)
+    try:
+        code, out, err = run(
+            capsys, "replay", "--handlers", "handlers.calls", "--app-dir", str(ROOT),
+            "--into", target, *flags,
+        )  # fmt: skip
+        rebuilt = {doc["_id"]: doc for doc in db.client[target]["calls"].find({})}
+    finally:
+        db.client.drop_database(target)
+    assert code == 0, err
+    handled = db.events.count_documents({"event": {"$in": ["Newchannel", "Newstate", "Hangup"]}})
+    assert out.startswith(f"replay: {handled} event(s) read, {handled} handler run(s), 0 failure")
+    # Built by two workers racing, in whatever order they won the events; rebuilt
+    # by one replay in stored order: the same documents.
+    assert rebuilt == live
+
+
+@pytest.mark.parametrize("how", [[], ["--poll", "--poll-interval", "0.05"]], ids=["auto", "poll"])
+async def test_follow_prints_what_a_live_worker_stores(
+    live_worker: tuple[Worker, list[FakePBX]],
+    mongo_uri: str,
+    capture_events: list[Message],
+    how: list[str],
+) -> None:
+    worker, pbxs = live_worker
+    events = worker.store.events
+    # One older event: once the follower has printed it, it is following.
+    (marker,) = documents(capture_events[:1], "pbx-old")
+    await events.insert_one(marker)
+    process = await asyncio.create_subprocess_exec(
+        *entry_point(), "events", "--follow", "--json", "--limit", "1", *how,
+        "--mongo-uri", mongo_uri, "--database", worker.store.database.name,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    follower = Follower(process)
+    try:
+        (first,) = await follower.read(1)
+        assert json.loads(first)["_id"] == marker["_id"]
+        for pbx in pbxs:
+            await pbx.start_call()
+        await follower.read(1 + 2 * CHANNEL_EVENTS_PER_CALL, timeout=20)
+        await asyncio.sleep(0.3)  # a few more polls: nothing may come twice
+    finally:
+        code, err = await follower.interrupt()
+    assert code == 130 and "Traceback" not in err, err
+    shown = [json.loads(line)["_id"] for line in follower.lines[1:]]
+    assert len(shown) == len(set(shown)) == 2 * CHANNEL_EVENTS_PER_CALL
+    stored = [doc["_id"] async for doc in events.find({"server": {"$ne": "pbx-old"}}, {"_id": 1})]
+    assert sorted(shown) == sorted(stored)
