@@ -82,7 +82,15 @@ class Outcomes:
         acks, self._acks = self._acks, []
         try:
             if acks:
-                await self._store.ack_many(acks)
+                acked = await self._store.ack_many(acks)
+                if acked < len(acks):
+                    # Another worker reclaimed them: our heartbeat looked expired to it
+                    # (lease too short for this store's latency?). They may run twice.
+                    log.warning(
+                        "%d event(s) were taken over by another worker while their handlers "
+                        "ran here; raise lease if this worker was not really stalled",
+                        len(acks) - acked,
+                    )
         except BaseException:
             self._acks[:0] = acks
             raise
