@@ -34,6 +34,7 @@ from amiworker.connection import (
     Connection,
     EventCallback,
 )
+from amiworker.logs import current_server
 from amiworker.protocol import DEFAULT_MAX_MESSAGE_SIZE, Message
 
 __all__ = ["PoolEventCallback", "ServerConfig", "ServerPool", "ServerStatus", "full_jitter"]
@@ -243,6 +244,8 @@ class ServerPool:
     # -- one PBX -----------------------------------------------------------------------------
 
     async def _supervise(self, supervised: _Supervised) -> None:
+        # Every log line of this task, and of the session tasks it starts, names the PBX.
+        current_server.set(supervised.server.name)
         attempt = 0
         down_since = time.monotonic()
         # Causes already logged in this outage; a loss is itself the log line for "cannot reach".
