@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from amiworker import __version__, logs
-from amiworker.settings import Settings, SettingsError
+from amiworker.settings import Settings, SettingsError, secrets_of
 
 __all__ = ["main"]
 
@@ -102,20 +102,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def register_secrets(settings: Settings) -> None:
     """Mask every configured secret in every log line, whatever prints it."""
-    for server in settings.servers:
-        logs.register_secret(server.secret.get_secret_value())
-    logs.register_secret(mongo_password(settings.mongo_uri))
-
-
-def mongo_password(uri: str) -> str | None:
-    from urllib.parse import unquote
-
-    rest = uri.partition("://")[2]
-    userinfo, at, _ = rest.rpartition("@")
-    if not at:
-        return None
-    _, colon, password = userinfo.partition(":")
-    return unquote(password) if colon and password else None
+    for secret in secrets_of(settings):
+        logs.register_secret(secret)
 
 
 # -- the parser -------------------------------------------------------------------------------

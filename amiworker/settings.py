@@ -47,6 +47,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "redact_uri",
+    "secrets_of",
 ]
 
 ENV_PREFIX = "AMIWORKER_"
@@ -82,6 +83,18 @@ def redact_uri(uri: str) -> str:
         rest = f"{userinfo}@{rest[at + 1 :]}"
     rest = _SECRET_OPTION.sub(lambda m: m.group(1) + _MASK, rest)
     return f"{scheme}{sep}{rest}"
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in ``settings``: AMI secrets and the MongoDB password."""
+    from urllib.parse import unquote
+
+    found = [server.secret.get_secret_value() for server in settings.servers]
+    userinfo, at, _ = settings.mongo_uri.partition("://")[2].rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    if at and colon and password:
+        found.append(unquote(password))
+    return found
 
 
 class ServerSettings(BaseModel):

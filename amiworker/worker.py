@@ -33,11 +33,12 @@ from amiworker.claims import Claimer, Pending
 from amiworker.dedup import races
 from amiworker.dispatch import HandlerContext, HandlerImportError, HandlerRegistry, load_handlers
 from amiworker.documents import DONE, event_document, message_from_document
+from amiworker.metrics import start_worker_metrics
 from amiworker.outcomes import Outcomes
 from amiworker.pool import ServerPool
 from amiworker.protocol import Message
 from amiworker.scheduler import HandlerScheduler, Job
-from amiworker.settings import Settings
+from amiworker.settings import Settings, secrets_of
 from amiworker.stats import WorkerStats
 from amiworker.store import EventStore, StoreUnavailable
 
@@ -61,8 +62,11 @@ class Worker:
         *,
         worker_id: str | None = None,
         store: EventStore | None = None,
+        index: int | None = None,
     ) -> None:
         self.settings = settings
+        #: The supervisor's slot number: worker N serves metrics on metrics_port + N.
+        self.index = index
         self.worker_id = worker_id or new_worker_id()
         self.stats = WorkerStats()
         self.registry = registry
@@ -153,6 +157,7 @@ class Worker:
             asyncio.create_task(self._reclaims(), name="reclaim"),
             asyncio.create_task(self._prepare_store(), name="indexes"),
         ]
+        stop_metrics = await start_worker_metrics(self, self.settings.metrics_port, self.index)
         await self.pool.start()
         log.info(
             "worker %s running: %d PBX(s), handlers for %s",
@@ -164,6 +169,7 @@ class Worker:
             await self._stop.wait()
         finally:
             await self._shutdown(tasks)
+            await stop_metrics()
 
     def stop(self) -> None:
         self._stop.set()
@@ -258,8 +264,8 @@ def run_worker_process(settings: Settings, index: int | None = None) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
     worker_id = new_worker_id(index)
     logs.configure(settings.log_level, settings.log_format, worker_id)
-    for server in settings.servers:
-        logs.register_secret(server.secret.get_secret_value())
+    for secret in secrets_of(settings):
+        logs.register_secret(secret)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -268,11 +274,13 @@ def run_worker_process(settings: Settings, index: int | None = None) -> None:
         log.error("%s", exc)
         sys.exit(2)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, registry, worker_id))
+        asyncio.run(_serve(settings, registry, worker_id, index))
 
 
-async def _serve(settings: Settings, registry: HandlerRegistry, worker_id: str) -> None:
-    worker = Worker(settings, registry, worker_id=worker_id)
+async def _serve(
+    settings: Settings, registry: HandlerRegistry, worker_id: str, index: int | None
+) -> None:
+    worker = Worker(settings, registry, worker_id=worker_id, index=index)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     await worker.run()
