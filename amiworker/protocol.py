@@ -42,6 +42,13 @@ MAX_ACTION_LINE = 1024
 #: The longest banner we wait for before deciding the peer is not an AMI server.
 _MAX_BANNER = 1024
 
+#: An unfinished message shorter than this is joined with the next read and searched
+#: again from its start (cheapest for ordinary events). A longer one is grown in place
+#: and only the new bytes are searched for its end: re-copying and rescanning a large
+#: message on every small read would cost quadratic time, and one PBX trickling a
+#: huge message could then starve every other session of the event loop.
+_REJOIN_BELOW = 8 * 1024
+
 # A message ends at an empty line: "\n" then an optional "\r" then "\n".
 # The pattern starts with a literal so the regex engine can skip ahead quickly.
 _END_OF_MESSAGE = re.compile(rb"\n\r?\n")
@@ -269,7 +276,12 @@ class Parser:
         self.banner: str | None = None
         self.max_message_size = max_message_size
         self._expect_banner = banner
-        self._buffer = b""
+        # The unfinished message (or banner); a bytearray once it is large.
+        self._buffer: bytes | bytearray = b""
+        # For a large held message: where the search for its end resumes (nothing
+        # ends before it), and where its --END COMMAND-- marker is, once seen.
+        self._scan = 0
+        self._marker = -1
         self._broken: str | None = None
 
     @property
@@ -280,9 +292,18 @@ class Parser:
     def feed(self, data: bytes) -> list[Message]:
         if self._broken is not None:
             raise ProtocolError(self._broken)
-        buf = self._buffer + data if self._buffer else bytes(data)
-        pos = 0
         messages: list[Message] = []
+        pos = 0
+        buf = bytes(data)  # no copy when it is bytes already
+        held = self._buffer
+        if held:
+            if len(held) < _REJOIN_BELOW or self._expect_banner:
+                buf = bytes(held) + buf
+            else:
+                pos = self._complete_held(buf, messages)
+                if pos < 0:
+                    return messages
+            self._buffer = b""
         if self._expect_banner:
             pos = self._read_banner(buf)
             if pos < 0:
@@ -315,13 +336,53 @@ class Parser:
             self._fail(
                 f"unfinished message of over {limit} bytes (no empty line ends it)", messages
             )
-        self._buffer = buf[pos:]
+        if pos < size:
+            self._buffer = buf[pos:]
+            self._scan, self._marker = 0, -1
         return messages
+
+    def _complete_held(self, data: bytes, messages: list[Message]) -> int:
+        """Add ``data`` to the large held message; if that completes it, append it
+        to ``messages`` and return where the rest of ``data`` starts, else -1."""
+        held = self._buffer
+        if not isinstance(held, bytearray):
+            held = self._buffer = bytearray(held)
+        before = len(held)
+        held += data
+        follows = held.startswith(_FOLLOWS)  # held is long enough to tell
+        end = self._end_of_held(held, follows)
+        limit = self.max_message_size
+        if end < 0:
+            if len(held) > limit:
+                self._fail(f"unfinished message of over {limit} bytes (no empty line ends it)")
+            return -1
+        if end > limit:
+            self._fail(f"message of {end} bytes exceeds the limit of {limit}")
+        messages.append(Message(bytes(held[:end]), follows=follows))
+        self._scan, self._marker = 0, -1
+        return end - before
+
+    def _end_of_held(self, held: bytearray, follows: bool) -> int:
+        """Like the framing in :meth:`feed`, but resuming where the last search stopped."""
+        if follows and self._marker < 0:
+            marker = held.find(_END_COMMAND_BYTES, self._scan)
+            if marker < 0:
+                self._scan = max(0, len(held) - len(_END_COMMAND_BYTES) + 1)
+                return -1
+            self._marker = self._scan = marker
+        match = _END_OF_MESSAGE.search(held, self._scan)
+        if match is None:
+            # A terminator is at most 3 bytes: one may start in the last 2.
+            self._scan = max(self._marker, len(held) - 2, 0)
+            return -1
+        return match.end()
 
     def _read_banner(self, buf: bytes) -> int:
         """Consume the banner line; return where messages start, or -1 to wait."""
         newline = buf.find(b"\n")
-        if newline < 0:
+        if newline < 0 or newline > _MAX_BANNER:
+            # Judged on the length alone, so that how the line was split into
+            # reads never decides whether a long banner is accepted.
             if len(buf) > _MAX_BANNER:
                 self._fail("no AMI banner: the first line is too long")
             return -1
