@@ -8,7 +8,9 @@ the worker's heartbeat wrote to the ``workers`` collection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from amiworker.embedded_mongo import free_port
+from amiworker.devstack import FleetProcess, SimulatorProcess
+from amiworker.embedded_mongo import EmbeddedMongo, free_port
 from amiworker.metrics import (
     COUNTERS,
     WorkerMetrics,
@@ -27,6 +30,7 @@ from amiworker.metrics import (
     start_metrics,
     start_worker_metrics,
 )
+from amiworker.mongo import close_client, open_client
 from amiworker.simulator import FakePBX
 from amiworker.stats import WorkerStats
 from amiworker.worker import Worker
@@ -211,3 +215,77 @@ def _count_is(collection: Any, query: dict[str, Any], count: int) -> Callable[[]
         return bool(await collection.count_documents(query) == count)
 
     return check
+
+
+# -- a real fleet: `amiworker --workers 2` with metrics_port ---------------------------------
+
+
+def two_free_ports() -> int:
+    """A port ``p`` with ``p + 1`` free too (worker 0 and worker 1)."""
+    for _ in range(20):
+        base = free_port()
+        with contextlib.suppress(OSError), socket.socket() as probe:
+            probe.bind(("127.0.0.1", base + 1))
+            return base
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_each_worker_of_a_fleet_serves_its_heartbeat_counts(
+    tmp_path: Path, mongo_server: EmbeddedMongo, database_name: str
+) -> None:
+    base = two_free_ports()
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.2).start()
+    fleet = FleetProcess(
+        tmp_path / "fleet",
+        servers=[simulator.server_setting()],
+        mongo_uri=mongo_server.uri,
+        database=database_name,
+        workers=2,
+        app_dir=ROOT,
+        extra_env={"AMIWORKER_METRICS_PORT": str(base), "AMIWORKER_HEARTBEAT_INTERVAL": "0.2"},
+    ).start()
+    client = open_client(mongo_server.uri)
+    workers = client[database_name]["workers"]
+    try:
+
+        async def connected() -> bool:
+            query = {"state": "running", "servers.pbx1.connected": True}
+            return bool(await workers.count_documents(query) == 2)
+
+        await wait_for(connected, timeout=30, what="2 workers connected", interval=0.1)
+        control = simulator.control()
+        try:
+            assert control.action("SimCalls", {"Count": 5}).name == "Success"
+        finally:
+            control.close()
+        calls = client[database_name]["calls"]
+
+        async def calls_ended() -> bool:
+            return bool(await calls.count_documents({"active_channels": 0}) == 5)
+
+        await wait_for(calls_ended, timeout=30, what="5 calls handled", interval=0.1)
+        scraped: dict[str, dict[str, float]] = {}  # worker id -> {sample name: value}
+
+        async def metrics_match_heartbeats() -> bool:
+            for port in (base, base + 1):  # worker N serves on metrics_port + N
+                samples = await scrape(port)
+                (worker_id,) = {dict(labels)["worker"] for _, labels in samples}
+                scraped[worker_id] = {name: value for (name, _), value in samples.items()}
+            rows = {row["_id"]: row async for row in workers.find({"state": "running"})}
+            return set(rows) == set(scraped) and all(
+                scraped[worker][f"{name}_total"] == rows[worker]["counters"][field]
+                for worker in rows
+                for name, field, _ in COUNTERS
+            )
+
+        await wait_for(metrics_match_heartbeats, timeout=20, what="scraped counts = heartbeats")
+        won = sum(samples["amiworker_races_won_total"] for samples in scraped.values())
+        assert won == 5 * 35  # every channel event won by exactly one of them
+        assert all(s["amiworker_events_seen_total"] >= 5 * 39 for s in scraped.values())
+        assert fleet.stop() == 0
+    finally:
+        if fleet.process is not None and fleet.process.poll() is None:
+            fleet.process.kill()
+        simulator.stop()
+        await client.drop_database(database_name)
+        await close_client(client)

@@ -79,7 +79,7 @@ def calls_registry() -> HandlerRegistry:
 
 
 async def test_replay_rebuilds_the_live_projection_from_the_log(
-    live_worker: tuple[Worker, list[FakePBX]], mongo_client: Any, database_name: str
+    live_worker: tuple[Worker, list[FakePBX]], database_name: str
 ) -> None:
     worker, pbxs = live_worker
     live = worker.store.database["calls"]
@@ -104,12 +104,13 @@ async def test_replay_rebuilds_the_live_projection_from_the_log(
     await wait_for(all_done, timeout=10, what="every handler run acknowledged")
     states = [doc async for doc in events.find({}, {"state": 1, "claimed_by": 1, "attempts": 1})]
 
-    target = mongo_client[f"{database_name}_replay"]
+    client = worker.store.database.client
+    target = client[f"{database_name}_replay"]
     try:
         summary = await replay(EventQuery(worker.store.database), calls_registry(), into=target)
         rebuilt = {doc["_id"]: doc async for doc in target["calls"].find({})}
     finally:
-        await mongo_client.drop_database(target.name)
+        await client.drop_database(target.name)
     expected = {doc["_id"]: doc async for doc in live.find({})}
     assert len(expected) == 12
     assert rebuilt == expected
