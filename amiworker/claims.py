@@ -174,14 +174,6 @@ class Claimer:
                         exc,
                         self._buffer_size,
                     )
-                if self._stopping and attempt > 3:
-                    log.error(
-                        "stopping with MongoDB unreachable: %d buffered event(s) not stored",
-                        len(batch) + len(self._buffer),
-                    )
-                    self._stats.dropped += len(batch) + len(self._buffer)
-                    self._buffer.clear()
-                    return
                 # Full jitter: workers that lost MongoDB together do not return together.
                 await asyncio.sleep(random.uniform(0, min(_RETRY_MAX, _RETRY_MIN * 2**attempt)))
         if self._store_down_since is not None:

@@ -261,7 +261,7 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1024, description="Largest AMI message accepted, in bytes."
     )
     dedup_window: float = Field(
-        default=60.0,
+        default=10.0,
         ge=0,
         description="Seconds within which byte-identical events of one PBX are told apart "
         "by their occurrence number (see the dedup key in DESIGN.md).",

@@ -184,7 +184,14 @@ class Worker:
         try:
             await asyncio.wait_for(claims, self.settings.shutdown_timeout)
         except TimeoutError:
-            log.error("claims not flushed within shutdown_timeout")
+            lost = self.claimer.depth
+            self.stats.dropped += lost
+            log.error(
+                "stopping with %d event(s) not stored: MongoDB did not take them within "
+                "shutdown_timeout (%.0f s)",
+                lost,
+                self.settings.shutdown_timeout,
+            )
         if not await self.scheduler.join(self.settings.shutdown_timeout):
             log.error(
                 "%d handler run(s) still going after %.0f s; abandoning them (a live worker "
