@@ -23,7 +23,11 @@ As a process::
 
     python -m amiworker.simulator --port 5038 --calls-per-second 5 \\
         [--name pbx1 --username admin --secret secret --ami-version 11.0.0 \\
-         --duration 1.0 --calls N --record PATH --ready-file PATH]
+         --duration 1.0 --calls N --record PATH --ready-file PATH \\
+         --tls-cert cert.pem --tls-key key.pem]
+
+``ssl=`` (``--tls-cert``/``--tls-key``) makes it speak AMI over TLS, as
+Asterisk's ``tlsenable``/``tlsbindport`` does.
 
 Simulator-only control actions, accepted from a logged-in session (also while
 stalled, so a test can resume), each answered ``Response: Success``:
@@ -51,6 +55,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl as _ssl
 import sys
 import time
 from pathlib import Path
@@ -93,6 +98,7 @@ class FakePBX:
         max_unsent_bytes: int = 64 * 1024 * 1024,
         keep_events: bool = True,
         record_path: str | os.PathLike[str] | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         major = ami_version.partition(".")[0]
         if not major.isdigit():
@@ -114,6 +120,7 @@ class FakePBX:
         self.max_unsent_bytes = max_unsent_bytes
         self.keep_events = keep_events
         self.record_path = Path(record_path) if record_path is not None else None
+        self.ssl = ssl
         self.started_at = time.time()
         self.sent_events: list[bytes] = []
         self.events_sent = 0
@@ -156,7 +163,7 @@ class FakePBX:
                 raise OSError(f"cannot append to {self.record_path}: {exc.strerror}") from exc
         try:
             self._server = await loop.create_server(
-                lambda: AMISession(self), self.host, self.port, reuse_address=True
+                lambda: AMISession(self), self.host, self.port, reuse_address=True, ssl=self.ssl
             )
         except OSError as exc:
             if self._record is not None:
@@ -351,7 +358,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--write-timeout", type=float, default=5.0, help="seconds a full socket is tolerated"
     )
+    parser.add_argument("--tls-cert", default=None, help="serve AMI over TLS: certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="its private key (PEM; else in the cert)")
     return parser
+
+
+def _server_tls(cert: str | None, key: str | None) -> _ssl.SSLContext | None:
+    if cert is None:
+        if key is not None:
+            raise ValueError("--tls-key needs --tls-cert")
+        return None
+    context = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, _ssl.SSLError) as exc:
+        raise OSError(f"cannot load --tls-cert {cert} / --tls-key {key}: {exc}") from None
+    return context
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -369,6 +391,7 @@ async def _serve(args: argparse.Namespace) -> None:
         write_timeout=args.write_timeout,
         keep_events=False,
         record_path=args.record,
+        ssl=_server_tls(args.tls_cert, args.tls_key),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
