@@ -368,10 +368,19 @@ class Connection(ActionHelpers):
             )
         if isinstance(exc, socket.gaierror):
             return f"cannot connect to AMI at {where}: cannot resolve host {self.host!r}"
+        if isinstance(exc, _ssl.SSLCertVerificationError):
+            # Name the certificate problem ("self-signed certificate", "certificate
+            # has expired", "IP address mismatch..."), not just CERTIFICATE_VERIFY_FAILED.
+            return (
+                f"cannot connect to AMI at {where}: TLS handshake failed: the PBX certificate "
+                f"is not trusted ({exc.verify_message or exc.reason}); check tls_ca_file and "
+                "the PBX certificate"
+            )
         if isinstance(exc, _ssl.SSLError):
             return (
                 f"cannot connect to AMI at {where}: TLS handshake failed ({exc.reason or exc}); "
-                "check tls_ca_file and the PBX certificate"
+                "check tls_ca_file and the PBX certificate, and that this port is the PBX's "
+                "TLS port (manager.conf tlsbindport)"
             )
         return f"cannot connect to AMI at {where}: {exc.strerror or exc}"
 
