@@ -206,6 +206,7 @@ class Connection(ActionHelpers):
         ping_timeout: float = 5.0,
         event_queue_size: int = 10_000,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        log_protocol_errors: bool = True,
     ) -> None:
         self.host = host
         self.port = port
@@ -219,6 +220,7 @@ class Connection(ActionHelpers):
         self.close_reason: str | None = None
         self._where = f"{name} ({host}:{port})" if name else f"{host}:{port}"
         self._parser = Parser(max_message_size=max_message_size)
+        self._log_protocol_errors = log_protocol_errors
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[str, _Pending] = {}
         self._abandoned: OrderedDict[str, _Pending] = OrderedDict()
@@ -258,6 +260,7 @@ class Connection(ActionHelpers):
         ssl: _ssl.SSLContext | None = None,
         name: str = "",
         on_event: EventCallback | None = None,
+        log_protocol_errors: bool = True,
     ) -> Connection:
         """Connect, read the banner and log in, all within ``timeout`` seconds.
 
@@ -265,8 +268,11 @@ class Connection(ActionHelpers):
         like ``call,system``). ``ping_interval=None`` disables the keepalive.
         ``event_queue_size=0`` disables the :meth:`events` queue (callbacks
         only). ``on_event`` is registered before login, so it sees every event
-        (FullyBooted included). Raises :class:`ConnectError` or
-        :class:`AuthenticationFailed`.
+        (FullyBooted included). An open session ended by a protocol error (a
+        message over ``max_message_size``, bytes that are not AMI) is logged as
+        an error, unless ``log_protocol_errors=False``: for a caller that logs
+        every end of a session itself, with ``close_reason``, as the pool does.
+        Raises :class:`ConnectError` or :class:`AuthenticationFailed`.
         """
         if auth not in ("md5", "plain"):
             raise ValueError(f"auth must be 'md5' or 'plain', not {auth!r}")
@@ -281,6 +287,7 @@ class Connection(ActionHelpers):
             ping_timeout=ping_timeout,
             event_queue_size=event_queue_size,
             max_message_size=max_message_size,
+            log_protocol_errors=log_protocol_errors,
         )
         if on_event is not None:
             conn.on_event(on_event)
@@ -494,7 +501,7 @@ class Connection(ActionHelpers):
                     for message in exc.messages:
                         self._route(message)
                     reason = f"protocol error: {exc}"
-                    if self._stage == "open":
+                    if self._stage == "open" and self._log_protocol_errors:
                         log.error("%s: closing the AMI session: %s", self._where, reason)
                     return
                 banner = self._banner

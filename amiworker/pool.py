@@ -305,6 +305,8 @@ class ServerPool:
             ping_timeout=self.ping_timeout,
             max_message_size=self.max_message_size,
             event_queue_size=self.event_queue_size,
+            # _supervise logs every lost session with its reason: one line, not two.
+            log_protocol_errors=False,
         )
 
     async def _set_connected(self, supervised: _Supervised, conn: Connection, down: float) -> None:
