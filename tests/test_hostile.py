@@ -13,19 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
 from amiworker.connection import Connection
+from amiworker.dedup import races
+from amiworker.dispatch import load_handlers
+from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.mongo import close_client, open_client
 from amiworker.pool import ServerPool
 from amiworker.protocol import Message, Parser
-from amiworker.settings import ServerSettings
+from amiworker.settings import ServerSettings, Settings
 from amiworker.simulator import FakePBX
+from amiworker.worker import Worker
 from tests.waiting import wait_for
 
 StartPBX = Callable[..., Awaitable[FakePBX]]
@@ -356,3 +363,57 @@ async def test_login_headers_with_cr_or_lf_are_refused_before_the_login_is_sent(
             )
         await wait_for(lambda: tap.client_closed == 1, what="the client to hang up")
         assert tap.actions() == []  # not even the Login
+
+
+# -- hostile bytes that reach the store ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG (documents.py / claims.py): a header name with a NUL byte is kept as a key "
+    "of the stored document; bson refuses it (InvalidDocument, not a PyMongoError), the "
+    "claims task dies and the worker stores nothing more, silently",
+)
+async def test_a_header_name_with_a_nul_byte_does_not_stop_the_worker(
+    fake_pbx_factory: StartPBX, mongo_server: EmbeddedMongo, database_name: str, tmp_path: Path
+) -> None:
+    pbx = await fake_pbx_factory(name="pbx1")
+    (tmp_path / "nul_handlers.py").write_text("async def HangupHandler(ctx, event):\n    pass\n")
+    settings = Settings.load(
+        None,
+        env_file=None,
+        servers=[server("pbx1", pbx.port).model_dump() | {"secret": "secret"}],
+        mongo_uri=mongo_server.uri,
+        database=database_name,
+        handlers=["nul_handlers"],
+        app_dir=tmp_path,
+        heartbeat_interval=0.2,
+        lease=1.0,
+    )
+    path_before = list(sys.path)
+    worker = Worker(settings, load_handlers(settings.handlers, settings.app_dir))
+    task = asyncio.create_task(worker.run())
+    client = open_client(mongo_server.uri, serverSelectionTimeoutMS=5000)
+    events = client[database_name]["events"]
+    try:
+        await worker.pool.wait_connected(10)
+        await pbx.send_raw(b"Event: Newchannel\r\nUniqueid: 1.1\r\nLinked\x00id: 1.1\r\n\r\n")
+        linkedid = await pbx.start_call()
+        await wait_for(lambda: pbx.engine.calls_completed == 1, what="the call to end")
+        sent = Parser(banner=False).feed(b"".join(pbx.sent_events))
+        expected = sum(races(m, "channel") and m.get("Linkedid") == linkedid for m in sent)
+
+        async def call_stored() -> bool:
+            return bool(await events.count_documents({"linkedid": linkedid}) == expected)
+
+        await wait_for(call_stored, timeout=5, what="the next call stored")
+        assert await events.count_documents({"uniqueid": "1.1"}) == 1  # kept, storable
+    finally:
+        worker.stop()
+        try:
+            await asyncio.wait_for(task, 30)
+        finally:
+            await client.drop_database(database_name)
+            await close_client(client)
+            sys.path[:] = path_before
+            sys.modules.pop("nul_handlers", None)
