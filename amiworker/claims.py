@@ -150,6 +150,28 @@ class Claimer:
         self._stopping = True
         self._wake.set()
 
+    async def _claim_one_by_one(
+        self, batch: list[Pending], docs: list[dict[str, Any]], error: Exception
+    ) -> list[dict[str, Any]]:
+        log.warning("a claim batch was refused (%s); claiming its events one by one", error)
+        won: list[dict[str, Any]] = []
+        for item, doc in zip(batch, docs, strict=True):
+            try:
+                won += await self._store.claim([doc])
+            except self._unavailable:
+                raise
+            except Exception as exc:
+                self._stats.dropped += 1
+                log.error(
+                    "%s event %s could not be stored and is dropped: %s: %s",
+                    item.message.name,
+                    item.key,
+                    type(exc).__name__,
+                    exc,
+                    extra={"server": item.server},
+                )
+        return won
+
     async def _claim(self, batch: list[Pending]) -> None:
         docs = []
         for item in batch:
@@ -176,6 +198,11 @@ class Claimer:
                     )
                 # Full jitter: workers that lost MongoDB together do not return together.
                 await asyncio.sleep(random.uniform(0, min(_RETRY_MAX, _RETRY_MIN * 2**attempt)))
+            except Exception as exc:
+                # Not the store being away: a document it cannot take (a driver's
+                # encoding error, say). One bad event must not stop the claims.
+                won = await self._claim_one_by_one(batch, docs, exc)
+                break
         if self._store_down_since is not None:
             log.warning(
                 "MongoDB is back after %.1f s; %d event(s) buffered",

@@ -78,7 +78,11 @@ def event_document(
     """
     headers: dict[str, Any] = {}
     suffix_uniqueid: str | None = None
-    for name, value in message.headers:
+    pairs = message.headers
+    if b"\x00" in message.raw:
+        # BSON cannot hold a NUL in a field name: keep the header, visibly escaped.
+        pairs = tuple((name.replace("\x00", "\\x00"), value) for name, value in pairs)
+    for name, value in pairs:
         lowered = name.lower()
         if lowered in headers:
             previous = headers[lowered]

@@ -368,12 +368,6 @@ async def test_login_headers_with_cr_or_lf_are_refused_before_the_login_is_sent(
 # -- hostile bytes that reach the store ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (documents.py / claims.py): a header name with a NUL byte is kept as a key "
-    "of the stored document; bson refuses it (InvalidDocument, not a PyMongoError), the "
-    "claims task dies and the worker stores nothing more, silently",
-)
 async def test_a_header_name_with_a_nul_byte_does_not_stop_the_worker(
     fake_pbx_factory: StartPBX, mongo_server: EmbeddedMongo, database_name: str, tmp_path: Path
 ) -> None:
