@@ -17,9 +17,11 @@ import ssl
 import sys
 from typing import Any
 
+from pymongo.errors import PyMongoError
+
 from amiworker.connection import AMIError, Connection
 from amiworker.dispatch import HandlerImportError, load_handlers
-from amiworker.mongo import StoreUnavailable, close_client, open_client
+from amiworker.mongo import close_client, open_client, unavailable
 from amiworker.protocol import Message
 from amiworker.settings import ServerSettings, Settings, redact_uri
 
@@ -81,9 +83,11 @@ async def _check_mongo(settings: Settings) -> int:
     try:
         info: dict[str, Any] = await client.admin.command("buildInfo")
         hello: dict[str, Any] = await client.admin.command("hello")
-    except Exception as exc:
-        error = StoreUnavailable(f"MongoDB at {where} is unreachable: {exc}".splitlines()[0])
-        _say(False, f"{error}; check mongo_uri and that MongoDB is running")
+    except PyMongoError as exc:
+        _say(False, str(unavailable(where, "answer buildInfo", exc)))
+        return 1
+    except Exception as exc:  # a driver bug or a stand-in's quirk: still one line
+        _say(False, f"MongoDB at {where} failed: {type(exc).__name__}: {exc}")
         return 1
     finally:
         await close_client(client)

@@ -268,14 +268,15 @@ def _location(exc: BaseException) -> str | None:
     return f"{_display_path(frame.filename)}:{frame.lineno}"
 
 
-_THIS_FILE: Final = os.path.realpath(__file__)
+# amiworker's own frames are never the place to look, even in an editable install.
+_PACKAGE_DIR: Final = os.path.dirname(os.path.realpath(__file__))
 
 
 def _is_user_code(filename: str) -> bool:
     if filename.startswith("<"):  # <frozen importlib._bootstrap>, <string>
         return False
     path = os.path.realpath(filename)
-    if path == _THIS_FILE:
+    if path.startswith(_PACKAGE_DIR + os.sep):
         return False
     return not any(path.startswith(library + os.sep) for library in _LIBRARY_DIRS)
 

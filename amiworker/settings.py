@@ -301,6 +301,20 @@ class Settings(BaseSettings):
         uri = uri.strip()
         if not uri.startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError("must start with mongodb:// or mongodb+srv://")
+        if uri.startswith("mongodb://"):
+            # Parsed now, so a malformed URI is a settings error (exit 2) rather than a
+            # driver error later. pymongo's message is not repeated: it can quote
+            # pieces of an unescaped password.
+            from pymongo.errors import InvalidURI
+            from pymongo.uri_parser import parse_uri
+
+            try:
+                parse_uri(uri, validate=True)
+            except (InvalidURI, ValueError):
+                raise ValueError(
+                    "is not a valid MongoDB URI; check its hosts and options, and "
+                    "percent-encode @ : / ? # [ ] % in the user name and password (RFC 3986)"
+                ) from None
         return uri
 
     @field_validator("handlers", mode="before")

@@ -230,7 +230,7 @@ class Worker:
             try:
                 await self.store.ensure_indexes(self.settings.ttl_days)
                 return
-            except StoreUnavailable as exc:
+            except Exception as exc:  # StoreUnavailable, or a driver's own surprise
                 if delay == 0.5:
                     log.error(
                         "%s. Reading AMI on, holding up to %d events meanwhile",

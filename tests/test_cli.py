@@ -93,6 +93,8 @@ def background(workdir: Path) -> Iterator[list[Running]]:
         ([], {"AMIWORKER_SERVERS": "[]"}, "no PBX configured"),
         ([], {"AMIWORKER_RACE": "sometimes"}, "invalid setting race"),
         ([], {"AMIWORKER_MONGO_URI": "http://x"}, "invalid setting mongo_uri"),
+        # An unescaped password: refused as a setting, and never quoted back.
+        ([], {"AMIWORKER_MONGO_URI": "mongodb://app:Lq/%@x@db1"}, "percent-encode"),
         (["--config", "missing.toml"], {}, "missing.toml"),
     ],
 )
@@ -107,6 +109,7 @@ def test_bad_settings_exit_2_with_one_line_per_problem(
     assert all(line.startswith("amiworker: ") for line in lines), result.stderr
     assert any(expected in line for line in lines), result.stderr
     assert "Traceback" not in result.stderr
+    assert "Lq/" not in result.stderr
 
 
 def test_a_secret_in_bad_settings_is_never_echoed(workdir: Path) -> None:
