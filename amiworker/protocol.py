@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from operator import itemgetter
 from typing import Literal, NoReturn
 
 __all__ = [
@@ -52,12 +53,43 @@ _REJOIN_BELOW = 8 * 1024
 # A message ends at an empty line: "\n" then an optional "\r" then "\n".
 # The pattern starts with a literal so the regex engine can skip ahead quickly.
 _END_OF_MESSAGE = re.compile(rb"\n\r?\n")
+# The same, captured: splitting a whole read with it gives [message, end, message,
+# end, ..., rest] in one C call (see Parser._split_plain).
+_SPLIT_MESSAGES = re.compile(rb"(\n\r?\n)")
 _FOLLOWS = b"Response: Follows"
 _END_COMMAND = "--END COMMAND--"
 _END_COMMAND_BYTES = _END_COMMAND.encode()
 _BANNER = re.compile(rb"^(?P<product>[^/\r\n]*Call Manager[^/\r\n]*)/(?P<version>[^\s]+)\s*$")
 # Headers that may precede the raw body of a "Response: Follows" reply.
 _FOLLOWS_HEADERS = frozenset({"response", "privilege", "actionid"})
+
+
+class _LowerCased(dict[str, str]):
+    """Header names, lower-cased once: a few dozen names make up all of AMI, and a
+    dict lookup costs less than lowering the same name in every message. The
+    lower-cased strings are shared, so they also hash once and take no memory
+    per message."""
+
+    __slots__ = ()
+    _LIMIT = 4096  # a peer inventing names only ever costs this much
+
+    def __missing__(self, name: str) -> str:
+        if len(self) >= self._LIMIT:
+            self.clear()
+        lowered = self[name] = name.lower()
+        return lowered
+
+
+_lower = _LowerCased().__getitem__
+_NAME = itemgetter(0)
+_VALUE = itemgetter(1)
+_FIRST_BYTE = itemgetter(0)
+
+
+def _index_of(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Lower-cased name -> value, in one pass of C calls (the last of a repeat wins)."""
+    return dict(zip(map(_lower, map(_NAME, headers)), map(_VALUE, headers), strict=True))
+
 
 MessageKind = Literal["event", "response", "unknown"]
 
@@ -91,15 +123,28 @@ class Message(Mapping[str, str]):
     order. Values are exactly as sent. ``raw`` is the exact bytes received.
     """
 
-    __slots__ = ("_extra", "_follows", "_headers", "_index", "_output", "raw")
+    __slots__ = (
+        "_extra",
+        "_follows",
+        "_headers",
+        "_index",
+        "_name",
+        "_output",
+        "_repeated",
+        "raw",
+    )
+
+    # Set by _parse, and only read after it.
+    _index: dict[str, str]
+    _extra: tuple[str, ...]
+    _output: tuple[str, ...]
+    _repeated: bool
 
     def __init__(self, raw: bytes, *, follows: bool = False) -> None:
         self.raw = raw
         self._follows = follows
         self._headers: tuple[tuple[str, str], ...] | None = None
-        self._index: dict[str, str] = {}
-        self._extra: tuple[str, ...] = ()
-        self._output: tuple[str, ...] = ()
+        self._name: str | None = None
 
     # -- parsing, on first access -------------------------------------------------
 
@@ -111,21 +156,26 @@ class Message(Mapping[str, str]):
             lines = text.replace("\r\n", "\n").split("\n")
         while lines and not lines[-1]:
             lines.pop()
+        self._output = ()
         if self._follows:
             lines = self._split_follows(lines)
         headers: list[tuple[str, str]] = []
         extra: list[str] = []
+        append = headers.append
         for line in lines:
             name, sep, value = line.partition(": ")
             if sep:
-                headers.append((name, value))
+                append((name, value))
             elif line.endswith(":"):  # "Name:" with an empty value and no space
-                headers.append((line[:-1], ""))
+                append((line[:-1], ""))
             elif line:
                 extra.append(line)
         frozen = tuple(headers)
-        # Reversed, so that the first occurrence of a repeated header wins.
-        self._index = {name.lower(): value for name, value in reversed(frozen)}
+        index = _index_of(frozen)
+        self._repeated = len(index) != len(frozen)
+        if self._repeated:
+            index = _index_of(frozen[::-1])  # so that the first value of a repeat wins
+        self._index = index
         self._extra = tuple(extra)
         self._headers = frozen
         return frozen
@@ -161,20 +211,44 @@ class Message(Mapping[str, str]):
         headers = self._headers
         return headers if headers is not None else self._parse()
 
+    def header_dict(self) -> dict[str, str | list[str]]:
+        """Every header in a new dict: names lower-cased, values as sent, in the order
+        first sent; a repeated header maps to the list of its values, in order.
+
+        The shape of a stored event's ``headers`` (see DESIGN.md), made from the
+        index that parsing built anyway.
+        """
+        if self._headers is None:
+            self._parse()
+        result: dict[str, str | list[str]] = {}
+        if not self._repeated:
+            result.update(self._index)  # no repeats: the index is in the order sent
+            return result
+        for name, value in self._headers:  # type: ignore[union-attr]
+            key = _lower(name)
+            previous = result.get(key)
+            if previous is None:
+                result[key] = value
+            elif isinstance(previous, list):
+                previous.append(value)
+            else:
+                result[key] = [previous, value]
+        return result
+
     def __getitem__(self, name: str) -> str:
         if self._headers is None:
             self._parse()
-        return self._index[name.lower()]
+        return self._index[_lower(name)]
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         if self._headers is None:
             self._parse()
-        return self._index.get(name.lower(), default)
+        return self._index.get(_lower(name), default)
 
     def __contains__(self, name: object) -> bool:
         if self._headers is None:
             self._parse()
-        return isinstance(name, str) and name.lower() in self._index
+        return isinstance(name, str) and _lower(name) in self._index
 
     def __iter__(self) -> Iterator[str]:
         seen: set[str] = set()
@@ -213,6 +287,13 @@ class Message(Mapping[str, str]):
     @property
     def name(self) -> str:
         """The Event name of an event, the Response value of a response, else ``""``."""
+        name = self._name
+        if name is None:
+            # Read on every hop of an event (race, document, handlers): worth keeping.
+            name = self._name = self._read_name()
+        return name
+
+    def _read_name(self) -> str:
         raw = self.raw
         if raw.startswith(b"Event: ") or raw.startswith(b"Response: "):
             # Fast path: the first line, without parsing the rest.
@@ -309,6 +390,10 @@ class Parser:
             if pos < 0:
                 self._buffer = buf
                 return messages
+        if pos == 0:
+            plain = self._split_plain(buf)
+            if plain is not None:
+                return plain
         limit = self.max_message_size
         size = len(buf)
         follows_prefix = _FOLLOWS
@@ -340,6 +425,39 @@ class Parser:
             self._buffer = buf[pos:]
             self._scan, self._marker = 0, -1
         return messages
+
+    def _split_plain(self, buf: bytes) -> list[Message] | None:
+        """Frame a read in one C-level split, if the loop in :meth:`feed` would frame
+        it the same way; else None.
+
+        The split cuts at each ``\\n\\r?\\n``, exactly where the loop's search ends a
+        message, as long as every message starts right after the previous one ends.
+        So it gives way to the loop when a piece starts with a stray line end, or is
+        empty (stray empty lines between messages), when a ``Response: Follows``
+        reply may start here (its body holds empty lines), and near the size limit.
+        """
+        parts = _SPLIT_MESSAGES.split(buf)
+        rest = parts.pop()
+        bodies = parts[0::2]
+        if bodies:
+            try:
+                firsts = bytes(map(_FIRST_BYTE, bodies))
+            except IndexError:  # an empty piece: "\n\n\n"
+                return None
+            if b"\n" in firsts or b"\r" in firsts:
+                return None
+            if b"R" in firsts and _FOLLOWS in buf:
+                return None
+            # A terminator is at most 3 bytes; a message near the limit gets the
+            # loop's exact check (and its error).
+            if max(map(len, bodies)) + 3 > self.max_message_size:
+                return None
+        if len(rest) > self.max_message_size or rest[:1] in (b"\r", b"\n"):
+            return None
+        if rest:
+            self._buffer = rest
+            self._scan, self._marker = 0, -1
+        return list(map(Message, map(bytes.__add__, bodies, parts[1::2])))
 
     def _complete_held(self, data: bytes, messages: list[Message]) -> int:
         """Add ``data`` to the large held message; if that completes it, append it
