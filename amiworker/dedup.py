@@ -14,7 +14,7 @@ in the same order, so every worker numbers them the same way.
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import deque
 from typing import Literal
 
 from amiworker.protocol import Message
@@ -35,6 +35,18 @@ def belongs_to_channel(message: Message) -> bool:
     ``BridgeUniqueid``...: Asterisk's spelling varies between versions, the suffix
     does not.
     """
+    # Decided on the raw bytes when they settle it, so that the AMI reader, which
+    # asks this of every event, never parses one (the claim loop does, later).
+    raw = message.raw
+    if b"\nUniqueid: " in raw:  # a line that starts "Uniqueid: " is that header
+        return True
+    lowered = raw.lower()
+    if b"\nuniqueid: " in lowered:
+        return True
+    if b"uniqueid" not in lowered:
+        # Only ASCII letters lower-case to these, so a header name ending in
+        # "uniqueid" (in any case) leaves these bytes in the lowered message.
+        return False
     return any(name.lower().endswith("uniqueid") for name, _ in message.headers)
 
 
@@ -53,15 +65,21 @@ def races(message: Message, mode: RaceMode) -> bool:
 class DedupKeys:
     """Dedup keys for the events of one PBX, as one worker receives them."""
 
-    __slots__ = ("_recent", "_seed", "window")
+    __slots__ = ("_again", "_order", "_seed", "_seen", "window")
 
     def __init__(self, server: str, window: float) -> None:
         self.window = window
         # The server name is hashed first so equal bytes from two PBXs never collide;
         # copying a seeded hash is cheaper than hashing the name each time.
         self._seed = hashlib.blake2b(server.encode() + b"\0", digest_size=16)
-        # digest -> (times seen, monotonic time last seen), oldest first.
-        self._recent: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
+        # Every digest seen within the window -> how many times. Kept lean: at peak
+        # rates it holds hundreds of thousands of digests, nearly all seen once.
+        self._seen: dict[str, int] = {}
+        # (monotonic time, digest) of each sighting, oldest first: what the window expires.
+        self._order: deque[tuple[float, str]] = deque()
+        # Digest -> time of its latest sighting, for the rare digests seen twice or
+        # more: their older sightings must not expire them.
+        self._again: dict[str, float] = {}
 
     def key(self, raw: bytes, now: float) -> str:
         """The ``_id`` of the event whose exact bytes are ``raw``, received at ``now``.
@@ -70,24 +88,30 @@ class DedupKeys:
         """
         digest = self._seed.copy()
         digest.update(raw)
-        value = digest.digest()
-        recent = self._recent
-        self._expire(now)
-        seen = recent.get(value)
-        occurrence = 0 if seen is None else seen[0]
-        recent[value] = (occurrence + 1, now)
-        recent.move_to_end(value)
-        hexdigest = value.hex()
-        return hexdigest if occurrence == 0 else f"{hexdigest}.{occurrence}"
+        hexdigest = digest.hexdigest()
+        order = self._order
+        if order and order[0][0] < now - self.window:
+            self._expire(now - self.window)
+        order.append((now, hexdigest))
+        seen = self._seen
+        occurrence = seen.get(hexdigest, 0)
+        seen[hexdigest] = occurrence + 1
+        if occurrence == 0:
+            return hexdigest
+        self._again[hexdigest] = now
+        return f"{hexdigest}.{occurrence}"
 
-    def _expire(self, now: float) -> None:
-        recent = self._recent
-        horizon = now - self.window
-        while recent:
-            oldest = next(iter(recent.values()))
-            if oldest[1] >= horizon:
-                return
-            recent.popitem(last=False)
+    def _expire(self, horizon: float) -> None:
+        """Forget the digests last seen before ``horizon``."""
+        order, seen, again = self._order, self._seen, self._again
+        while order and order[0][0] < horizon:
+            seen_at, hexdigest = order.popleft()
+            latest = again.get(hexdigest)
+            if latest is None:
+                seen.pop(hexdigest, None)
+            elif latest <= seen_at:  # this was its latest sighting
+                del again[hexdigest]
+                seen.pop(hexdigest, None)
 
     def __len__(self) -> int:
-        return len(self._recent)
+        return len(self._seen)
