@@ -136,14 +136,21 @@ class Claimer:
                 # Let a batch fill: one insert_many of many events costs MongoDB far
                 # less than many small ones.
                 await asyncio.sleep(self._batch_delay)
-            batch = [
-                self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))
-            ]
+            batch = self._take_batch()
             self._in_flight = len(batch)
             try:
                 await self._claim(batch)
             finally:
                 self._in_flight = 0
+
+    def _take_batch(self) -> list[Pending]:
+        buffer = self._buffer
+        if len(buffer) <= self._batch_size:
+            batch = list(buffer)  # the usual case: all of it, in one C call
+            buffer.clear()
+            return batch
+        popleft = buffer.popleft
+        return [popleft() for _ in range(self._batch_size)]
 
     def stop(self) -> None:
         """Finish what is buffered, then return from :meth:`run`."""
@@ -174,12 +181,14 @@ class Claimer:
 
     async def _claim(self, batch: list[Pending]) -> None:
         docs = []
+        all_keys = self._keys
+        build_document = self._build_document
         for item in batch:
-            keys = self._keys.get(item.server)
+            keys = all_keys.get(item.server)
             if keys is None:
-                keys = self._keys[item.server] = DedupKeys(item.server, self._dedup_window)
+                keys = all_keys[item.server] = DedupKeys(item.server, self._dedup_window)
             item.key = keys.key(item.message.raw, item.received_mono)
-            docs.append(self._build_document(item))
+            docs.append(build_document(item))
         attempt = 0
         while True:
             started = time.monotonic()
