@@ -3,7 +3,11 @@
 A call's events (same Linkedid) are queued together and run one after another
 in the order received, so a handler never sees a Hangup before the Newchannel
 it follows. Different calls run concurrently, at most ``concurrency`` at once.
-There is one task per call with work queued, not one per event.
+
+A pool of runner tasks (up to ``concurrency``, started as work needs them and
+then kept) takes calls with work queued, one call at a time each: no task is
+created per event or per call, which at tens of thousands of events per second
+would cost more than running a quick handler.
 """
 
 from __future__ import annotations
@@ -63,9 +67,15 @@ class HandlerScheduler:
         self._context_for = context_for
         self._timeout = timeout
         self._on_finished = on_finished
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        # Calls with work queued or running -> their events, oldest first.
         self._queues: dict[str, deque[Job]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Calls with work queued that no runner has taken yet, in arrival order.
+        self._ready: deque[str] = deque()
+        self._runners: set[asyncio.Task[None]] = set()
+        # Runners with nothing to do wait on these; submit() wakes one.
+        self._parked: deque[asyncio.Future[None]] = deque()
+        self._wanted: dict[str, bool] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._queued = 0
@@ -73,7 +83,13 @@ class HandlerScheduler:
         self.on_started: Callable[[float], None] | None = None
 
     def wants(self, event_name: str) -> bool:
-        return bool(self._registry.handlers_for(event_name))
+        """Whether any handler runs for ``event_name`` (asked of every event: memoised)."""
+        wanted = self._wanted.get(event_name)
+        if wanted is None:
+            if len(self._wanted) > 10_000:  # names a PBX made up: forget, stay bounded
+                self._wanted.clear()
+            wanted = self._wanted[event_name] = bool(self._registry.handlers_for(event_name))
+        return wanted
 
     @property
     def depth(self) -> int:
@@ -82,36 +98,66 @@ class HandlerScheduler:
 
     def submit(self, job: Job) -> None:
         key = order_key(job.server, job.message)
-        queue = self._queues.get(key)
         self._queued += 1
         self._idle.clear()
+        queue = self._queues.get(key)
         if queue is not None:
-            queue.append(job)
+            queue.append(job)  # its runner (or the next one free) gets to it in order
             return
-        queue = self._queues[key] = deque((job,))
-        task = asyncio.create_task(self._run_call(key, queue), name=f"handlers:{key}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._queues[key] = deque((job,))
+        self._ready.append(key)
+        while self._parked:
+            parked = self._parked.popleft()
+            if not parked.done():
+                parked.set_result(None)
+                return
+        if len(self._runners) < self._concurrency:
+            task = asyncio.create_task(self._runner(), name="handlers")
+            self._runners.add(task)
+            task.add_done_callback(self._runners.discard)
+        # else every runner is busy: the first one free takes this call.
 
-    async def _run_call(self, key: str, queue: deque[Job]) -> None:
-        async with self._slots:
+    async def _runner(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready, queues = self._ready, self._queues
+        while True:
+            if not ready:
+                parked = loop.create_future()
+                self._parked.append(parked)
+                await parked
+                continue
+            key = ready.popleft()
+            queue = queues[key]
             while queue:
                 job = queue[0]
                 try:
                     await self._run(job)
+                except Exception:  # a bug here must not leave a call's events stranded
+                    log.exception("internal error running the handlers of %s", job.key)
                 finally:
                     queue.popleft()
                     self._queued -= 1
-        # No await between the empty check and this: nothing can slip in between.
-        del self._queues[key]
-        if not self._queues:
-            self._idle.set()
+            # No await between the empty check and this: nothing can slip in between.
+            del queues[key]
+            if not queues:
+                self._idle.set()
 
     async def _run(self, job: Job) -> None:
         if self.on_started is not None:
             self.on_started(time.monotonic() - job.received_mono)
-        context = self._context_for(job)
         error: BaseException | None = None
+        try:
+            context = self._context_for(job)
+        except Exception as exc:  # no context, no run: a failed run, retried later
+            log.error(
+                "no handler context for %s event %s: %s",
+                job.message.name,
+                job.key or "(local)",
+                describe_exception(exc),
+                extra={"server": job.server},
+            )
+            self._on_finished(job, exc)
+            return
         for handler in self._registry.handlers_for(job.message.name):
             try:
                 await invoke(handler, context, job.message, self._timeout, executor=self._executor)
@@ -140,6 +186,7 @@ class HandlerScheduler:
         return True
 
     async def cancel(self) -> None:
-        for task in list(self._tasks):
+        """Stop every runner (abandoning what is running and queued)."""
+        for task in list(self._runners):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._runners, return_exceptions=True)
