@@ -1,0 +1,310 @@
+"""End to end: unique events/s stored and handled by 4 workers from 2 PBXs, on nx-27017.
+
+    python bench/pipeline.py [--calls 500] [--batch-size N] [--batch-delay S] [--driver D]
+
+Real processes on loopback, as deployed: nx-27017, two simulated PBXs
+(``python -m amiworker.simulator``) and ``amiworker --workers 4``, each worker
+holding a session to both PBXs, with a no-op ``async def`` handler for every
+channel event of a call (so every stored event is also handled and its ack
+written). Each PBX starts ``--calls`` calls at once (39 events each, 35 of them
+channel events that race); the figure is unique channel events stored and
+handled per second, from the moment the calls start until the workers report
+the last one handled. At the end every event is checked: stored once, done.
+
+Beside it, in the same run, on the same nx-27017 and the same documents (built
+from what the PBXs recorded sending, exactly as the workers build them):
+
+* (a) the store's ceiling: 4 processes write the documents straight to the store
+  with unordered ``insert_many`` batches of the same size, write concern
+  majority, duplicates and all, as the four workers' claims do, with no AMI,
+  no parsing, no handler and no ack;
+* (b) the PHP client's pattern: 4 processes, one awaited ``insert_one`` per event
+  each (on the first ``--php-events`` unique events: it is slow).
+
+Targets: the pipeline >= 0.8 of (a), >= 10x (b). First the simulator's own
+maximum rate is measured (one PBX, four sessions reading flat out), so that the
+run is known to measure the workers and the store, not the simulator. The CPU
+used by each kind of process during the run says what bound it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import contextlib
+
+from stack import (
+    CHANNEL_EVENTS_PER_CALL,
+    EVENTS_PER_CALL,
+    CpuMeter,
+    Stack,
+    channel_events,
+    channel_keys,
+    machine_note,
+)
+
+from amiworker.dedup import DedupKeys
+from amiworker.documents import ensure_indexes, event_document
+from amiworker.mongo import open_client
+from amiworker.protocol import Parser, encode_action
+from amiworker.settings import Settings
+
+CALL_EVENT_NAMES = frozenset(
+    name.lower()
+    for name in (
+        "Newchannel", "Newexten", "VarSet", "NewCallerid", "NewConnectedLine", "Newstate",
+        "SoftHangupRequest", "HangupRequest", "Hangup", "LocalBridge", "DialBegin", "DialEnd",
+        "OriginateResponse", "DeviceStateChange",
+    )
+)  # fmt: skip
+
+
+# -- the simulator's own rate ---------------------------------------------------------------
+
+
+async def _read_calls(port: int, expected: int, done: list[float]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(encode_action("Login", {"Username": "amiworker", "Secret": "demo-secret"}))
+    parser = Parser()
+    seen = 0
+    while seen < expected:
+        data = await reader.read(262144)
+        if not data:
+            raise RuntimeError("the simulator closed a reading session")
+        for message in parser.feed(data):
+            if message.kind == "event" and message.name.lower() in CALL_EVENT_NAMES:
+                seen += 1
+    done.append(time.monotonic())
+    writer.close()
+
+
+async def simulator_max_rate(calls: int) -> float:
+    """Events/s one simulated PBX writes to 4 sessions that read as fast as they can."""
+    with Stack(workers=0, pbxs=1, start_fleet=False) as stack:
+        simulator = stack.simulators[0]
+        expected = calls * EVENTS_PER_CALL
+        done: list[float] = []
+        readers = [
+            asyncio.create_task(_read_calls(simulator.port, expected, done)) for _ in range(4)
+        ]
+        await asyncio.sleep(1.0)  # every session logged in
+        started = await asyncio.to_thread(stack.start_calls, calls)
+        await asyncio.wait_for(asyncio.gather(*readers), 120)
+        return expected / (max(done) - started)
+
+
+# -- the store's ceiling and the PHP pattern ------------------------------------------------
+
+
+def build_documents(records: list[tuple[str, Path]], worker_id: str) -> list[dict[str, Any]]:
+    """The claim documents of every channel event recorded, as a worker builds them."""
+    now = datetime.now(UTC)
+    streams = []
+    for server, path in records:
+        keys = DedupKeys(server, window=float("inf"))
+        messages = channel_events(Parser(banner=False).feed(path.read_bytes()))
+        streams.append(
+            [event_document(keys.key(m.raw, 0.0), server, m, worker_id, now) for m in messages]
+        )
+    # Interleaved, as the PBXs' events reach a worker.
+    docs: list[dict[str, Any]] = []
+    for index in range(max(map(len, streams))):
+        docs += [stream[index] for stream in streams if index < len(stream)]
+    return docs
+
+
+def writer_process(
+    mode: str,
+    uri: str,
+    database: str,
+    records: list[tuple[str, Path]],
+    number: int,
+    batch_size: int,
+    limit: int,
+    barrier: Any,
+    results: Any,
+) -> None:
+    docs = build_documents(records, f"bench-writer-{number}")[:limit]
+    results.put(asyncio.run(_write(mode, uri, database, docs, batch_size, barrier)))
+
+
+async def _write(
+    mode: str, uri: str, database: str, docs: list[dict[str, Any]], batch_size: int, barrier: Any
+) -> float:
+    from pymongo import WriteConcern
+    from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+    client = open_client(uri, "pymongo")
+    events = client[database]["events"].with_options(write_concern=WriteConcern("majority"))
+    await client.admin.command("ping")
+    await asyncio.to_thread(barrier.wait)
+    started = time.monotonic()
+    if mode == "insert_many":
+        for start in range(0, len(docs), batch_size):
+            with contextlib.suppress(BulkWriteError):  # duplicates: the others' claims
+                await events.insert_many(docs[start : start + batch_size], ordered=False)
+    else:
+        for doc in docs:
+            with contextlib.suppress(DuplicateKeyError):
+                await events.insert_one(doc)
+    elapsed = time.monotonic() - started
+    await client.close()
+    return elapsed
+
+
+def store_rate(
+    mode: str, stack: Stack, database: str, batch_size: int, limit: int, writers: int = 4
+) -> tuple[float, int]:
+    """Unique documents/s that ``writers`` processes get into the store; and how many."""
+    assert stack.client is not None
+    asyncio.run(_indexes(stack.mongo.uri, database))
+    records = [(s.name, s.record_path) for s in stack.simulators]
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(writers)
+    results = context.Queue()
+    processes = [
+        context.Process(
+            target=writer_process,
+            args=(mode, stack.mongo.uri, database, records, n, batch_size, limit, barrier, results),
+        )
+        for n in range(writers)
+    ]
+    for process in processes:
+        process.start()
+    elapsed = max(results.get(timeout=600) for _ in processes)
+    for process in processes:
+        process.join(30)
+    unique = stack.client[database]["events"].estimated_document_count()
+    stack.client.drop_database(database)
+    return unique / elapsed, unique
+
+
+async def _indexes(uri: str, database: str) -> None:
+    client = open_client(uri, "pymongo")
+    await ensure_indexes(client[database]["events"])
+    await client.close()
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+
+
+def run_pipeline(stack: Stack, calls: int, timeout: float) -> dict[str, Any]:
+    """Start the calls, wait until every channel event is handled; check and stop."""
+    stack.wait_connected()
+    expected = calls * CHANNEL_EVENTS_PER_CALL * len(stack.simulators)
+    all_sent = calls * EVENTS_PER_CALL * len(stack.simulators)
+    sent_before = stack.events_sent()
+    meter = CpuMeter(stack.pids()).start()
+    wall_started = time.time()
+    started = stack.start_calls(calls)
+    sent_after = None
+    while True:
+        time.sleep(0.1)
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"not every event handled within {timeout:g} s")
+        if sent_after is None and stack.events_sent() - sent_before >= all_sent:
+            sent_after = time.monotonic() - started
+        handled, last_at = stack.handled()
+        if handled >= expected:
+            break
+    meter.stop()
+    elapsed = last_at - wall_started
+    # Every event stored once, and its ack written (acks trail by a flush).
+    sent = [key for simulator in stack.simulators for key in channel_keys(simulator)]
+    assert len(sent) == len(set(sent)) == expected, (len(sent), expected)
+    assert handled == expected, f"{handled} handler runs for {expected} events"
+    deadline = time.monotonic() + 60
+    while stack.db.events.count_documents({"state": "done"}) < expected:
+        if time.monotonic() > deadline:
+            raise AssertionError("acks missing after 60 s")
+        time.sleep(0.5)
+    stored = sorted(d["_id"] for d in stack.db.events.find({}, {"_id": 1}))
+    assert stored == sorted(sent), "stored exactly once, none missing"
+    stack.stop_fleet()
+    counters = stack.counters()  # final, from the rows the workers left on stopping
+    assert counters.get("dropped", 0) == 0, counters
+    return {
+        "expected": expected,
+        "elapsed": elapsed,
+        "sent_after": sent_after or elapsed,
+        "meter": meter,
+        "batches": counters.get("claim_batches", 0),
+        "claims": counters.get("races_won", 0) + counters.get("races_lost", 0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=500, help="calls started on each PBX")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=None, help="claim batch size")
+    parser.add_argument("--batch-delay", type=float, default=None, help="claim batch delay, s")
+    parser.add_argument("--driver", default=None, choices=["pymongo", "motor"])
+    parser.add_argument("--php-events", type=int, default=2000)
+    parser.add_argument("--probe-calls", type=int, default=300)
+    parser.add_argument("--skip-baselines", action="store_true", help="the pipeline only")
+    args = parser.parse_args()
+
+    defaults = Settings(_env_file=None)  # type: ignore[call-arg]
+    batch_size = args.batch_size or defaults.batch_size
+    batch_delay = defaults.batch_delay if args.batch_delay is None else args.batch_delay
+    driver = args.driver or defaults.driver
+    env = {
+        "AMIWORKER_BATCH_SIZE": str(batch_size),
+        "AMIWORKER_BATCH_DELAY": str(batch_delay),
+        "AMIWORKER_DRIVER": driver,
+    }
+    print(f"machine: {machine_note()}")
+    print(
+        f"fleet: {args.workers} workers x 2 PBXs, {args.calls} calls per PBX "
+        f"({args.calls * CHANNEL_EVENTS_PER_CALL * 2:,} unique channel events), "
+        f"batch_size {batch_size}, batch_delay {batch_delay}, driver {driver}"
+    )
+    if not args.skip_baselines:
+        probe = asyncio.run(simulator_max_rate(args.probe_calls))
+        print(f"simulator alone: {probe:,.0f} events/s to 4 sessions (one PBX, max rate)")
+
+    with Stack(workers=args.workers, env=env) as stack:
+        run = run_pipeline(stack, args.calls, timeout=240)
+        rate = run["expected"] / run["elapsed"]
+        each_pbx = run["expected"] / CHANNEL_EVENTS_PER_CALL * EVENTS_PER_CALL / 2
+        print(
+            f"pipeline: {rate:,.0f} unique events/s stored and handled "
+            f"({run['expected']:,} in {run['elapsed']:.1f} s; the PBXs had sent everything "
+            f"after {run['sent_after']:.1f} s, {each_pbx / run['sent_after']:,.0f} events/s each)"
+        )
+        print(
+            f"  claims: {run['claims']:,} in {run['batches']:,} batches "
+            f"(mean {run['claims'] / max(1, run['batches']):.0f} per insert_many)"
+        )
+        print("  " + run["meter"].report())
+        if args.skip_baselines:
+            return
+        stack.client.drop_database(stack.database)  # type: ignore[union-attr]
+
+        ceiling, unique = store_rate("insert_many", stack, "ceiling", batch_size, 10**9)
+        print(
+            f"(a) store ceiling: {ceiling:,.0f} unique events/s "
+            f"(4 writers x {unique:,} documents, insert_many of {batch_size})"
+        )
+        php, php_unique = store_rate("insert_one", stack, "php", batch_size, args.php_events)
+        print(
+            f"(b) PHP pattern: {php:,.0f} unique events/s (4 writers x insert_one, {php_unique:,})"
+        )
+        print(
+            f"pipeline / (a) = {rate / ceiling:.2f} (target >= 0.8); "
+            f"pipeline / (b) = {rate / php:.1f}x (target >= 10x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
