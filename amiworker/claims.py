@@ -134,8 +134,11 @@ class Claimer:
                 continue
             if len(self._buffer) < self._batch_size and self._batch_delay and not self._stopping:
                 # Let a batch fill: one insert_many of many events costs MongoDB far
-                # less than many small ones.
-                await asyncio.sleep(self._batch_delay)
+                # less than many small ones. But no event waits for that longer than
+                # batch_delay: what arrived during the last claim has waited enough.
+                wait = self._buffer[0].received_mono + self._batch_delay - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             batch = self._take_batch()
             self._in_flight = len(batch)
             try:
