@@ -14,7 +14,7 @@ The stand-in store lets this worker win one event in ``--fleet`` (by its key),
 as in a fleet of that many workers, and does no I/O. What is measured is the
 CPU time of this process (user + system, ``time.process_time``) divided by the
 events fed: every event costs its framing, race decision, key, parse and
-document; one in ``--fleet`` also a handler run and an ack. Four figures:
+document; one in ``--fleet`` also a handler run and an ack. Five figures:
 
 * ``worker path``: as above, the stand-in doing nothing with what it gets;
 * ``+ BSON``: the stand-in also BSON-encodes every claim and ack with PyMongo's
@@ -24,6 +24,7 @@ document; one in ``--fleet`` also a handler run and an ack. Four figures:
   10_000, 20, 20)``): the worker allocates few cycles, and with the default
   thresholds full collections, each walking every live object, cost a third of
   the time;
+* ``+ BSON, on uvloop``: the same on uvloop's event loop (if installed);
 * ``parse only``: ``Parser.feed`` alone, to show what share the framing is.
 
 Baseline, ``naive``: what a straightforward port of the PHP client does, in
@@ -45,6 +46,7 @@ import cProfile
 import gc
 import gzip
 import hashlib
+import importlib.util
 import pstats
 import sys
 import time
@@ -274,6 +276,15 @@ def main() -> None:
     bare = worker(encode=False)
     encoded = worker(encode=True)
     tuned = worker(encode=True, tuned_gc=True)
+    with_uvloop = None
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        try:
+            with_uvloop = worker(encode=True)
+        finally:
+            asyncio.set_event_loop_policy(None)
     naive = min(
         asyncio.run(run_naive(pieces, events, args.rate, args.fleet)) for _ in range(args.rounds)
     )
@@ -285,6 +296,10 @@ def main() -> None:
     line("worker path (stand-in store)", bare, "target < 15 us/event")
     line("  + BSON (the driver's encoding)", encoded)
     line("  + BSON, GC tuned", tuned)
+    if with_uvloop is not None:
+        line("  + BSON, on uvloop", with_uvloop)
+    else:
+        print("  (uvloop not installed: pip install uvloop to compare)")
     line("naive (panoramisk + insert_one, BSON)", naive, f"ratio {naive / encoded:4.1f}x")
 
 

@@ -45,7 +45,10 @@ CHANNEL_EVENTS = (
 CHANNEL_EVENTS_PER_CALL = 35
 EVENTS_PER_CALL = 39
 
-NOOP_HANDLERS = f'''"""Benchmark handlers: return at once, for every channel event of a call.
+#: The events the shipped example handlers (handlers/calls.py) handle.
+EXAMPLE_EVENTS = ("Newchannel", "Newstate", "Hangup")
+
+NOOP_HANDLERS_TEMPLATE = '''"""Benchmark handlers: return at once, for channel events of a call.
 
 Each worker process reports how many it ran, and when it ran the last one, in
 $BENCH_PROGRESS_DIR/<pid>.progress every 0.1 s: how the benchmarks tell that
@@ -63,11 +66,11 @@ _reporter = None
 
 
 async def _report():
-    path = os.path.join(OUT, f"{{os.getpid()}}.progress")
+    path = os.path.join(OUT, f"{os.getpid()}.progress")
     while True:
         await asyncio.sleep(0.1)
         with open(path + ".tmp", "w") as out:
-            out.write(f"{{handled}} {{last_at}}\\n")
+            out.write(f"{handled} {last_at}\\n")
         os.replace(path + ".tmp", path)
 
 
@@ -79,9 +82,17 @@ async def _noop(ctx, event):
         _reporter = asyncio.get_running_loop().create_task(_report())
 
 
-for _name in {CHANNEL_EVENTS!r}:
+for _name in EVENTS:
     globals()[_name + "Handler"] = _noop
 '''
+
+
+def noop_handlers(events: tuple[str, ...] = CHANNEL_EVENTS) -> str:
+    """A handler module of no-op handlers for ``events`` that reports its progress."""
+    return NOOP_HANDLERS_TEMPLATE.replace("for _name in EVENTS:", f"for _name in {events!r}:")
+
+
+NOOP_HANDLERS = noop_handlers()
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -135,6 +146,7 @@ class Stack:
         call_duration: float = 1.0,
         env: dict[str, str] | None = None,
         start_fleet: bool = True,
+        handled: tuple[str, ...] = CHANNEL_EVENTS,
     ) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="amiworker-bench-"))
         self.database = database
@@ -155,6 +167,7 @@ class Stack:
             **(env or {}),
         }
         self.fleet: FleetProcess | None = None
+        self.handled_events = handled
         self._start_fleet = start_fleet
         self._controls: list[SimulatorControl] = []
         self.client: MongoClient[dict[str, Any]] | None = None
@@ -188,7 +201,7 @@ class Stack:
     def start_fleet(self) -> FleetProcess:
         app = self.workdir / "app"
         app.mkdir(exist_ok=True)
-        (app / "bench_handlers.py").write_text(NOOP_HANDLERS)
+        (app / "bench_handlers.py").write_text(noop_handlers(self.handled_events))
         fleet = FleetProcess(
             self.workdir / "fleet",
             servers=[s.server_setting() for s in self.simulators],
@@ -284,8 +297,16 @@ class Stack:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 class CpuMeter:
-    """CPU seconds used by groups of processes between :meth:`start` and :meth:`stop`."""
+    """CPU seconds used by groups of processes between :meth:`start` and :meth:`stop`,
+    and by everything else on the machine ("other load": it shares the cores)."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = {name: list(pids) for name, pids in groups.items()}
@@ -296,7 +317,9 @@ class CpuMeter:
         self._t0 = 0.0
 
     def _sample(self) -> dict[str, float]:
-        return {name: sum(map(cpu_seconds, pids)) for name, pids in self.groups.items()}
+        sample = {name: sum(map(cpu_seconds, pids)) for name, pids in self.groups.items()}
+        sample["machine"] = machine_busy_seconds()
+        return sample
 
     def start(self) -> CpuMeter:
         self._start = self._sample()
@@ -306,7 +329,10 @@ class CpuMeter:
     def stop(self) -> CpuMeter:
         end = self._sample()
         self.wall = time.monotonic() - self._t0
-        self.used = {name: end[name] - self._start[name] for name in end}
+        used = {name: end[name] - self._start[name] for name in end}
+        machine = used.pop("machine")
+        used["other load"] = max(0.0, machine - sum(used.values()))
+        self.used = used
         return self
 
     def report(self, cores: int | None = None) -> str:
