@@ -166,20 +166,28 @@ class Claimer:
         log.warning("a claim batch was refused (%s); claiming its events one by one", error)
         won: list[dict[str, Any]] = []
         for item, doc in zip(batch, docs, strict=True):
-            try:
-                won += await self._store.claim([doc])
-            except self._unavailable:
-                raise
-            except Exception as exc:
-                self._stats.dropped += 1
-                log.error(
-                    "%s event %s could not be stored and is dropped: %s: %s",
-                    item.message.name,
-                    item.key,
-                    type(exc).__name__,
-                    exc,
-                    extra={"server": item.server},
-                )
+            attempt = 0
+            while True:
+                try:
+                    won += await self._store.claim([doc])
+                    break
+                except self._unavailable:
+                    # Retried here, one event at a time, rather than the batch again:
+                    # what this loop won already must not be claimed twice.
+                    self._stats.store_errors += 1
+                    attempt += 1
+                    await asyncio.sleep(random.uniform(0, min(_RETRY_MAX, _RETRY_MIN * 2**attempt)))
+                except Exception as exc:
+                    self._stats.dropped += 1
+                    log.error(
+                        "%s event %s could not be stored and is dropped: %s: %s",
+                        item.message.name,
+                        item.key,
+                        type(exc).__name__,
+                        exc,
+                        extra={"server": item.server},
+                    )
+                    break
         return won
 
     async def _claim(self, batch: list[Pending]) -> None:

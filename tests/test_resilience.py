@@ -74,7 +74,11 @@ def start_fleet(
 
 
 async def wait_all_done(db: Any, simulators: list[SimulatorProcess], timeout: float) -> int:
-    """Until every channel event the simulators sent is done; returns how many."""
+    """Until every channel event the simulators sent is done; returns how many.
+
+    Waits first for the calls under way to end, so that "sent" is final.
+    """
+    await wait_for(lambda: all(calls_finished(s) for s in simulators), 30, "the last calls to end")
     expected = sum(len(channel_keys(s)) for s in simulators)
     await wait_for(
         lambda: db.events.count_documents({"state": "done"}) >= expected,
