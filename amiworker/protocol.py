@@ -81,14 +81,12 @@ class _LowerCased(dict[str, str]):
 
 
 _lower = _LowerCased().__getitem__
-_NAME = itemgetter(0)
-_VALUE = itemgetter(1)
 _FIRST_BYTE = itemgetter(0)
 
 
 def _index_of(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
-    """Lower-cased name -> value, in one pass of C calls (the last of a repeat wins)."""
-    return dict(zip(map(_lower, map(_NAME, headers)), map(_VALUE, headers), strict=True))
+    """Lower-cased name -> value (the last of a repeat wins)."""
+    return {_lower(name): value for name, value in headers}
 
 
 MessageKind = Literal["event", "response", "unknown"]
