@@ -226,6 +226,7 @@ def run_pipeline(stack: Stack, calls: int, timeout: float) -> dict[str, Any]:
     started = stack.start_calls(calls)
     sent_after = None
     stored_at = 0.0
+    samples: list[tuple[float, int]] = []
     while True:
         time.sleep(0.1)
         if time.monotonic() - started > timeout:
@@ -233,6 +234,7 @@ def run_pipeline(stack: Stack, calls: int, timeout: float) -> dict[str, Any]:
         if sent_after is None and stack.events_sent() - sent_before >= all_sent:
             sent_after = time.monotonic() - started
         handled, last_at = stack.handled()
+        samples.append((time.time() - wall_started, handled))
         if handled < expected_runs:
             continue
         if expected_runs == expected:
@@ -262,12 +264,23 @@ def run_pipeline(stack: Stack, calls: int, timeout: float) -> dict[str, Any]:
     return {
         "expected": expected,
         "runs": expected_runs,
+        "steady": steady_rate(samples, expected_runs) * expected / max(1, expected_runs),
         "elapsed": elapsed,
         "sent_after": sent_after or elapsed,
         "meter": meter,
         "batches": counters.get("claim_batches", 0),
         "claims": counters.get("races_won", 0) + counters.get("races_lost", 0),
     }
+
+
+def steady_rate(samples: list[tuple[float, int]], total: int) -> float:
+    """Handler runs/s between 10% and 90% of the total: the rate without the start
+    (calls setting up) and the tail (the last batches, fewer of them in flight)."""
+    if total == 0:
+        return 0.0
+    low = next((t, n) for t, n in samples if n >= total * 0.1)
+    high = next((t, n) for t, n in samples if n >= total * 0.9)
+    return (high[1] - low[1]) / (high[0] - low[0]) if high[0] > low[0] else 0.0
 
 
 def main() -> None:
@@ -319,11 +332,16 @@ def main() -> None:
             "the PBXs had sent everything "
             f"after {run['sent_after']:.1f} s, {each_pbx / run['sent_after']:,.0f} events/s each)"
         )
+        if run["runs"]:
+            print(f"  steady (10% to 90% handled): {run['steady']:,.0f} unique events/s")
         print(
             f"  claims: {run['claims']:,} in {run['batches']:,} batches "
             f"(mean {run['claims'] / max(1, run['batches']):.0f} per insert_many)"
         )
-        print("  " + run["meter"].report())
+        meter = run["meter"]
+        store_us = meter.used["nx-27017"] / run["expected"] * 1e6
+        print("  " + meter.report())
+        print(f"  store CPU per unique event: {store_us:,.0f} us (nx-27017)")
         if args.skip_baselines:
             return
         stack.client.drop_database(stack.database)  # type: ignore[union-attr]
@@ -334,11 +352,17 @@ def main() -> None:
             f"(4 writers x {unique:,} documents, insert_many of {batch_size})"
         )
         print("  " + meter.report())
+        ceiling_us = meter.used["nx-27017"] / unique * 1e6
+        print(f"  store CPU per unique event: {ceiling_us:,.0f} us (nx-27017)")
         php, php_unique, meter = store_rate("insert_one", stack, "php", batch_size, args.php_events)
         print(
             f"(b) PHP pattern: {php:,.0f} unique events/s (4 writers x insert_one, {php_unique:,})"
         )
         print("  " + meter.report())
+        print(
+            f"store CPU per event, (a) / pipeline = {ceiling_us / store_us:.2f} (the share of "
+            "the store's work that is the claims themselves, whatever else loads the machine)"
+        )
         print(
             f"pipeline / (a) = {rate / ceiling:.2f} (target >= 0.8); "
             f"pipeline / (b) = {rate / php:.1f}x (target >= 10x)"
