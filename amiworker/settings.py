@@ -202,10 +202,14 @@ class Settings(BaseSettings):
         "*Uniqueid header), all, or none (every worker handles every event).",
     )
     batch_size: int = Field(
-        default=500, ge=1, le=100_000, description="Most events per claim (insert_many)."
+        default=2000, ge=1, le=100_000, description="Most events per claim (insert_many)."
     )
     batch_delay: float = Field(
-        default=0.005, ge=0, le=10, description="Seconds a claim batch may wait to fill."
+        default=0.0,
+        ge=0,
+        le=10,
+        description="Seconds the oldest waiting event may wait for a claim batch to fill "
+        "(events arriving during a claim join the next batch anyway).",
     )
     handler_concurrency: int = Field(
         default=64, ge=1, description="Handlers running at once per worker."
