@@ -290,6 +290,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="claim batch size")
     parser.add_argument("--batch-delay", type=float, default=None, help="claim batch delay, s")
     parser.add_argument("--driver", default=None, choices=["pymongo", "motor"])
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=None,
+        help="the workers' heartbeat_interval, which also paces their reclaim scans "
+        "(full collection scans on nx-27017)",
+    )
     parser.add_argument("--php-events", type=int, default=2000)
     parser.add_argument("--probe-calls", type=int, default=300)
     parser.add_argument("--skip-baselines", action="store_true", help="the pipeline only")
@@ -311,6 +318,8 @@ def main() -> None:
         "AMIWORKER_BATCH_DELAY": str(batch_delay),
         "AMIWORKER_DRIVER": driver,
     }
+    if args.heartbeat_interval is not None:
+        env["AMIWORKER_HEARTBEAT_INTERVAL"] = str(args.heartbeat_interval)
     print(f"machine: {machine_note()}")
     print(
         f"fleet: {args.workers} workers x 2 PBXs, {args.calls} calls per PBX "
