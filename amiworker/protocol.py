@@ -84,9 +84,14 @@ _lower = _LowerCased().__getitem__
 _FIRST_BYTE = itemgetter(0)
 
 
-def _index_of(headers: tuple[tuple[str, str], ...]) -> dict[str, str]:
+_Part = tuple[str, str, str]  # a line's str.partition(": "): name, separator, value
+_SEPARATOR = itemgetter(1)
+_COLON_SPACE = frozenset({": "})
+
+
+def _index_of(parts: list[_Part]) -> dict[str, str]:
     """Lower-cased name -> value (the last of a repeat wins)."""
-    return {_lower(name): value for name, value in headers}
+    return {_lower(name): value for name, _, value in parts}
 
 
 MessageKind = Literal["event", "response", "unknown"]
@@ -128,12 +133,13 @@ class Message(Mapping[str, str]):
         "_index",
         "_name",
         "_output",
+        "_parts",
         "_repeated",
         "raw",
     )
 
     # Set by _parse, and only read after it.
-    _index: dict[str, str]
+    _parts: list[_Part]
     _extra: tuple[str, ...]
     _output: tuple[str, ...]
     _repeated: bool
@@ -141,12 +147,16 @@ class Message(Mapping[str, str]):
     def __init__(self, raw: bytes, *, follows: bool = False) -> None:
         self.raw = raw
         self._follows = follows
+        # The index is built on first access (most events only ever need their name,
+        # and a worker that loses a race only needs the document); the (name, value)
+        # tuple on first access to ``headers``.
+        self._index: dict[str, str] | None = None
         self._headers: tuple[tuple[str, str], ...] | None = None
         self._name: str | None = None
 
     # -- parsing, on first access -------------------------------------------------
 
-    def _parse(self) -> tuple[tuple[str, str], ...]:
+    def _parse(self) -> dict[str, str]:
         text = _decode(self.raw)
         lines = text.split("\r\n")
         if text.count("\n") != len(lines) - 1:
@@ -157,26 +167,32 @@ class Message(Mapping[str, str]):
         self._output = ()
         if self._follows:
             lines = self._split_follows(lines)
-        headers: list[tuple[str, str]] = []
-        extra: list[str] = []
-        append = headers.append
-        for line in lines:
-            name, sep, value = line.partition(": ")
-            if sep:
-                append((name, value))
-            elif line.endswith(":"):  # "Name:" with an empty value and no space
-                append((line[:-1], ""))
-            elif line:
-                extra.append(line)
-        frozen = tuple(headers)
-        index = _index_of(frozen)
-        self._repeated = len(index) != len(frozen)
+        parts = [line.partition(": ") for line in lines]
+        self._extra = ()
+        if not _COLON_SPACE.issuperset(map(_SEPARATOR, parts)):
+            parts = self._odd_lines(parts)
+        index = _index_of(parts)
+        self._repeated = len(index) != len(parts)
         if self._repeated:
-            index = _index_of(frozen[::-1])  # so that the first value of a repeat wins
+            index = _index_of(parts[::-1])  # so that the first value of a repeat wins
+        self._parts = parts
         self._index = index
+        return index
+
+    def _odd_lines(self, parts: list[_Part]) -> list[_Part]:
+        """The headers among lines that are not all ``Name: value``; keep the rest."""
+        headers: list[_Part] = []
+        extra: list[str] = []
+        for part in parts:
+            name, sep, _ = part
+            if sep:
+                headers.append(part)
+            elif name.endswith(":"):  # "Name:" with an empty value and no space
+                headers.append((name[:-1], ": ", ""))
+            elif name:
+                extra.append(name)
         self._extra = tuple(extra)
-        self._headers = frozen
-        return frozen
+        return headers
 
     def _split_follows(self, lines: list[str]) -> list[str]:
         """Split a ``Response: Follows`` reply; return its header lines.
@@ -207,7 +223,11 @@ class Message(Mapping[str, str]):
     def headers(self) -> tuple[tuple[str, str], ...]:
         """Every header as ``(name, value)`` in the order sent, repeated ones included."""
         headers = self._headers
-        return headers if headers is not None else self._parse()
+        if headers is None:
+            if self._index is None:
+                self._parse()
+            headers = self._headers = tuple([(name, value) for name, _, value in self._parts])
+        return headers
 
     def header_dict(self) -> dict[str, str | list[str]]:
         """Every header in a new dict: names lower-cased, values as sent, in the order
@@ -216,13 +236,13 @@ class Message(Mapping[str, str]):
         The shape of a stored event's ``headers`` (see DESIGN.md), made from the
         index that parsing built anyway.
         """
-        if self._headers is None:
-            self._parse()
-        result: dict[str, str | list[str]] = {}
+        index = self._index
+        if index is None:
+            index = self._parse()
         if not self._repeated:
-            result.update(self._index)  # no repeats: the index is in the order sent
-            return result
-        for name, value in self._headers:  # type: ignore[union-attr]
+            return dict(index)  # no repeats: the index is in the order sent
+        result: dict[str, str | list[str]] = {}
+        for name, _, value in self._parts:
             key = _lower(name)
             previous = result.get(key)
             if previous is None:
@@ -234,19 +254,22 @@ class Message(Mapping[str, str]):
         return result
 
     def __getitem__(self, name: str) -> str:
-        if self._headers is None:
-            self._parse()
-        return self._index[_lower(name)]
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return index[_lower(name)]
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        if self._headers is None:
-            self._parse()
-        return self._index.get(_lower(name), default)
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return index.get(_lower(name), default)
 
     def __contains__(self, name: object) -> bool:
-        if self._headers is None:
-            self._parse()
-        return isinstance(name, str) and _lower(name) in self._index
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return isinstance(name, str) and _lower(name) in index
 
     def __iter__(self) -> Iterator[str]:
         seen: set[str] = set()
@@ -257,9 +280,10 @@ class Message(Mapping[str, str]):
                 yield name
 
     def __len__(self) -> int:
-        if self._headers is None:
-            self._parse()
-        return len(self._index)
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return len(index)
 
     def getall(self, name: str) -> list[str]:
         """Every value of header ``name`` (any case), in the order sent."""
@@ -308,7 +332,8 @@ class Message(Mapping[str, str]):
     @property
     def output(self) -> list[str]:
         """Command output lines, from ``Output:`` headers or a ``Follows`` body."""
-        self.headers  # noqa: B018 - parse on first access
+        if self._index is None:
+            self._parse()
         if self._follows:
             return list(self._output)
         return self.getall("Output")
@@ -316,7 +341,8 @@ class Message(Mapping[str, str]):
     @property
     def extra_lines(self) -> tuple[str, ...]:
         """Lines that had no ``Name: value`` shape; kept, never dropped."""
-        self.headers  # noqa: B018 - parse on first access
+        if self._index is None:
+            self._parse()
         return self._extra
 
     @property
