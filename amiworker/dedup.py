@@ -26,6 +26,8 @@ RaceMode = Literal["channel", "all", "none"]
 # Events that describe one manager session rather than the PBX: each session gets
 # its own copy (FullyBooted carries no Timestamp), so they are never raced.
 SESSION_EVENTS = frozenset({"fullybooted"})
+# What may follow the colon that ends a header name: a space, or the line's end.
+_AFTER_NAME = frozenset({b" ", b"\r", b"\n", b""})
 
 
 def belongs_to_channel(message: Message) -> bool:
@@ -35,19 +37,22 @@ def belongs_to_channel(message: Message) -> bool:
     ``BridgeUniqueid``...: Asterisk's spelling varies between versions, the suffix
     does not.
     """
-    # Decided on the raw bytes when they settle it, so that the AMI reader, which
-    # asks this of every event, never parses one (the claim loop does, later).
+    # Decided on the raw bytes, so that the AMI reader, which asks this of every
+    # event, never parses one (the claim loop does, later, if it must).
     raw = message.raw
     if b"\nUniqueid: " in raw:  # a line that starts "Uniqueid: " is that header
         return True
     lowered = raw.lower()
-    if b"\nuniqueid: " in lowered:
-        return True
-    if b"uniqueid" not in lowered:
-        # Only ASCII letters lower-case to these, so a header name ending in
-        # "uniqueid" (in any case) leaves these bytes in the lowered message.
-        return False
-    return any(name.lower().endswith("uniqueid") for name, _ in message.headers)
+    at = lowered.find(b"uniqueid:")
+    while at >= 0:
+        # A header name ends here if its line has no ": " before this point and
+        # the colon ends the name ("Name: value", or "Name:" at the end of a line).
+        end = at + len(b"uniqueid:")
+        line_start = lowered.rfind(b"\n", 0, at) + 1
+        if lowered[end : end + 1] in _AFTER_NAME and b": " not in lowered[line_start:at]:
+            return True
+        at = lowered.find(b"uniqueid:", at + 1)
+    return False
 
 
 def races(message: Message, mode: RaceMode) -> bool:
