@@ -271,8 +271,9 @@ async def _retry(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await query.close()
     print(
+        # Workers search for retries they did not record themselves once per lease.
         f"re-queued {count} dead event(s); running workers retry them within "
-        f"{settings.heartbeat_interval:g} s"
+        f"{settings.lease + settings.heartbeat_interval:g} s"
     )
     return 0
 

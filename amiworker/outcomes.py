@@ -11,7 +11,10 @@ dies), but a needless re-run is avoided.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from amiworker.dispatch import describe_exception
@@ -37,6 +40,9 @@ class Outcomes:
         self._stats = stats
         self._acks: list[str] = []
         self._failures: list[tuple[str, str]] = []
+        # Monotonic times at which failures recorded here come due for a retry,
+        # earliest first: the reclaim loop looks for due retries then.
+        self._retries_due: list[float] = []
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -53,6 +59,16 @@ class Outcomes:
         else:
             self._failures.append((job.key, describe_exception(error)))
         self._wake.set()
+
+    def retry_due(self, now: float) -> bool:
+        """Whether a failure recorded here is due for a retry at monotonic ``now``."""
+        return bool(self._retries_due) and self._retries_due[0] <= now
+
+    def forget_due_retries(self, now: float) -> None:
+        """Called once a search for due retries ran: those due by ``now`` were seen."""
+        due = self._retries_due
+        while due and due[0] <= now:
+            heapq.heappop(due)
 
     def stop(self) -> None:
         self._stopping = True
@@ -96,7 +112,10 @@ class Outcomes:
             raise
         while self._failures:
             key, error = self._failures[0]
-            await self._store.fail(
+            failure = await self._store.fail(
                 key, error, self._settings.max_attempts, self._settings.retry_backoff
             )
             self._failures.pop(0)
+            if failure is not None and failure.retry_at is not None:
+                delay = (failure.retry_at - datetime.now(UTC)).total_seconds()
+                heapq.heappush(self._retries_due, time.monotonic() + max(0.0, delay))

@@ -21,7 +21,7 @@ import random
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from pymongo import ReturnDocument, WriteConcern
 from pymongo.errors import BulkWriteError, PyMongoError
@@ -40,9 +40,18 @@ from amiworker.settings import redact_uri
 if TYPE_CHECKING:
     from amiworker.settings import Settings
 
-__all__ = ["MAX_ERROR_LENGTH", "EventStore", "StoreUnavailable"]
+__all__ = ["MAX_ERROR_LENGTH", "EventStore", "Failure", "StoreUnavailable"]
 
 MAX_ERROR_LENGTH: Final = 2000
+
+
+class Failure(NamedTuple):
+    """A failed run as recorded: the event's new state, and when it is due again."""
+
+    state: str  # FAILED or DEAD
+    retry_at: datetime | None  # None once DEAD
+
+
 WORKERS_COLLECTION: Final = "workers"
 _MAX_UNSETTLED: Final = 1_000_000
 
@@ -208,14 +217,14 @@ class EventStore:
 
     async def fail(
         self, key: Any, error: str, max_attempts: int, retry_backoff: float
-    ) -> str | None:
+    ) -> Failure | None:
         """Record a failed run of an event this worker holds.
 
         ``attempts`` goes up by one; below ``max_attempts`` the event becomes
         ``failed`` with ``retry_at`` = now + ``retry_backoff`` * 2**(attempts-1)
         (plus up to 10% jitter, so a burst of failures does not retry in
-        lockstep), at the limit ``dead``. Returns the new state, or None if the
-        event is no longer ours.
+        lockstep), at the limit ``dead``. Returns the new state and retry time,
+        or None if the event is no longer ours.
         """
         owned = {"_id": key, "state": CLAIMED, "claimed_by": self.worker_id}
         try:
@@ -239,7 +248,9 @@ class EventStore:
             result = await self.events.replace_one({**owned, "attempts": attempts - 1}, doc)
         except PyMongoError as exc:
             raise self._unavailable("record a failed event", exc) from None
-        return str(doc["state"]) if result.modified_count == 1 else None
+        if result.modified_count != 1:
+            return None
+        return Failure(str(doc["state"]), doc.get("retry_at"))
 
     # -- workers -----------------------------------------------------------------------
 
@@ -290,7 +301,12 @@ class EventStore:
     # -- taking over ------------------------------------------------------------------
 
     async def reclaim(
-        self, lease: float, *, max_attempts: int | None = None, limit: int = 1000
+        self,
+        lease: float,
+        *,
+        max_attempts: int | None = None,
+        limit: int = 1000,
+        retries: bool = True,
     ) -> list[dict[str, Any]]:
         """Take over events that need a run; return the taken documents, oldest first.
 
@@ -300,7 +316,9 @@ class EventStore:
            one gets it. The lost run counts as an attempt; at ``max_attempts``
            the event is ``dead`` instead (a handler that kills its worker must
            not kill the whole fleet in turn).
-        2. Events ``failed`` whose ``retry_at`` has passed, taken the same way.
+        2. Events ``failed`` whose ``retry_at`` has passed, taken the same way
+           (unless ``retries`` is False: finding them is a query of the events
+           collection, where step 1 only reads ``workers`` while no worker is dead).
 
         The row of a dead worker is deleted once it holds nothing.
         """
@@ -316,7 +334,7 @@ class EventStore:
             taken: list[dict[str, Any]] = []
             if dead:
                 taken += await self._take_from_dead(dead, max_attempts, limit)
-            if len(taken) < limit:
+            if retries and len(taken) < limit:
                 taken += await self._take_due_retries(now, limit - len(taken))
             for worker in dead:
                 await self._forget_if_empty(worker, cutoff)

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -45,6 +46,8 @@ from amiworker.store import EventStore, StoreUnavailable
 __all__ = ["Worker", "new_worker_id", "run_worker_process"]
 
 log = logging.getLogger("amiworker.worker")
+# Most events one reclaim takes over.
+_RECLAIM_LIMIT = 1000
 
 
 def new_worker_id(index: int | None = None) -> str:
@@ -249,15 +252,35 @@ class Worker:
             await asyncio.sleep(self.settings.heartbeat_interval)
 
     async def _reclaims(self) -> None:
+        # Every heartbeat: events of dead workers, found from the small workers
+        # collection. Due retries need a query of the events collection, so that
+        # runs when a failure recorded here comes due, and otherwise every lease
+        # (for failures recorded by a worker that died since, and `amiworker
+        # retry`): n workers searching every heartbeat cost the store a query
+        # each, which on a store without a usable index is a full scan.
+        settings = self.settings
+        # Spread over the second half of the first lease: workers started together
+        # do not search together.
+        next_retry_search = time.monotonic() + random.uniform(0.5, 1.0) * settings.lease
         while True:
-            await asyncio.sleep(self.settings.heartbeat_interval)
+            await asyncio.sleep(settings.heartbeat_interval)
+            now = time.monotonic()
+            retries = now >= next_retry_search or self.outcomes.retry_due(now)
             try:
                 docs = await self.store.reclaim(
-                    self.settings.lease, max_attempts=self.settings.max_attempts
+                    settings.lease,
+                    max_attempts=settings.max_attempts,
+                    limit=_RECLAIM_LIMIT,
+                    retries=retries,
                 )
             except StoreUnavailable as exc:
                 log.debug("reclaim failed: %s", exc)
                 continue
+            if retries:
+                self.outcomes.forget_due_retries(now)
+                # A full batch: more may be due, look again next time.
+                full = len(docs) >= _RECLAIM_LIMIT
+                next_retry_search = now if full else now + settings.lease
             if docs:
                 log.info("took over %d event(s) to run (dead worker or retry due)", len(docs))
             now = time.monotonic()

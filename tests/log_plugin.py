@@ -112,9 +112,10 @@ async def fill(database: Any) -> FilledLog:
     log.dead, log.failed = hangups[:2], hangups[2:3]
     log.claimed = [pbx1[-1]["_id"]]
     for key in log.dead:
-        assert await store.fail(key, ERROR, max_attempts=1, retry_backoff=60) == "dead"
+        assert await store.fail(key, ERROR, max_attempts=1, retry_backoff=60) == ("dead", None)
     for key in log.failed:
-        assert await store.fail(key, ERROR, max_attempts=5, retry_backoff=3600) == "failed"
+        failure = await store.fail(key, ERROR, max_attempts=5, retry_backoff=3600)
+        assert failure is not None and failure.state == "failed"
     settled = {*log.dead, *log.failed, *log.claimed}
     await store.ack_many([doc["_id"] for doc in log.docs if doc["_id"] not in settled])
     await add_workers(database)

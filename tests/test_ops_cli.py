@@ -298,7 +298,7 @@ def test_retry_requeues_dead_events(
 ) -> None:
     flags, _ = own_log
     code, out, _ = run(capsys, "retry", "--server", "pbx2", *flags)
-    assert (code, out) == (0, "re-queued 0 dead event(s); running workers retry them within 2 s\n")
+    assert (code, out) == (0, "re-queued 0 dead event(s); running workers retry them within 12 s\n")
     code, out, _ = run(capsys, "retry", "--event", "Hangup", *flags)
     assert out.startswith("re-queued 2 dead event(s)")
     code, out, _ = run(capsys, "events", "--state", "dead", *flags)

@@ -436,10 +436,14 @@ async def test_ack(store: EventStore, open_store: Callable[[str], EventStore]) -
 async def test_fail_retry_then_dead(store: EventStore) -> None:
     await store.claim(docs_for(1, "worker-a"))
     before = datetime.now(UTC)
-    assert await store.fail("k0000", "ValueError: boom", max_attempts=3, retry_backoff=10) == FAILED
+    failure = await store.fail("k0000", "ValueError: boom", max_attempts=3, retry_backoff=10)
+    assert failure is not None and failure.state == FAILED
     doc = await store.get_event("k0000")
     assert doc is not None
     assert (doc["state"], doc["attempts"], doc["error"]) == (FAILED, 1, "ValueError: boom")
+    # The worker knows when to look again (BSON keeps milliseconds).
+    assert failure.retry_at is not None
+    assert abs((failure.retry_at - doc["retry_at"]).total_seconds()) < 0.001
     delay = (doc["retry_at"] - before).total_seconds()
     assert 9.9 <= delay <= 11.1  # backoff * 2**0 plus at most 10% jitter
     assert await store.reclaim(lease=10) == []  # not due yet
@@ -451,12 +455,21 @@ async def test_fail_retry_then_dead(store: EventStore) -> None:
         taken = await store.reclaim(lease=10)
         assert [d["_id"] for d in taken] == ["k0000"]
         assert taken[0]["state"] == CLAIMED and taken[0]["claimed_by"] == "worker-a"
-        assert await store.fail("k0000", f"failure {attempts}", 3, 0.0) == state
+        failure = await store.fail("k0000", f"failure {attempts}", 3, 0.0)
+        assert failure is not None and failure.state == state
     doc = await store.get_event("k0000")
     assert doc is not None
     assert (doc["state"], doc["attempts"], doc["error"]) == (DEAD, 3, "failure 3")
-    assert "retry_at" not in doc
+    assert "retry_at" not in doc and failure.retry_at is None
     assert await store.reclaim(lease=10) == []
+
+
+async def test_reclaim_leaves_due_retries_when_told_to(store: EventStore) -> None:
+    await store.claim(docs_for(1, "worker-a"))
+    await store.fail("k0000", "boom", max_attempts=3, retry_backoff=0.0)
+    # Without retries the reclaim reads only the workers: nothing is taken.
+    assert await store.reclaim(lease=10, retries=False) == []
+    assert [d["_id"] for d in await store.reclaim(lease=10)] == ["k0000"]
 
 
 async def test_fail_truncates_long_errors(store: EventStore) -> None:

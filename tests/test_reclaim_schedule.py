@@ -1,0 +1,85 @@
+"""When a worker searches the events collection for due retries.
+
+Taking over a dead worker's events only reads the small ``workers``
+collection, so it runs every heartbeat. Searching for due retries is a query
+of the (large) events collection, which a fleet of n workers would otherwise
+send n times per heartbeat: a worker searches when a failure it recorded comes
+due, and otherwise once per lease (for failures recorded by a worker that has
+died since, and events re-queued with ``amiworker retry``).
+
+The store here is a stand-in that records each ``reclaim`` call: what is under
+test is the worker's schedule, not MongoDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from amiworker.dispatch import HandlerRegistry
+from amiworker.documents import FAILED
+from amiworker.protocol import Message
+from amiworker.scheduler import Job
+from amiworker.settings import Settings
+from amiworker.store import Failure
+from amiworker.worker import Worker
+from tests.waiting import wait_for
+
+HEARTBEAT = 0.05
+LEASE = 60.0  # never reached during a test: every search seen is a due one
+DUE_IN = 0.3
+
+
+class RecordingStore:
+    database = None
+
+    def __init__(self) -> None:
+        self.reclaims: list[tuple[float, bool]] = []  # (monotonic time, retries searched)
+
+    async def reclaim(self, lease: float, *, retries: bool = True, **_: Any) -> list[Any]:
+        self.reclaims.append((time.monotonic(), retries))
+        return []
+
+    async def fail(self, key: str, error: str, max_attempts: int, backoff: float) -> Failure:
+        return Failure(FAILED, datetime.now(UTC) + timedelta(seconds=DUE_IN))
+
+    def searches(self) -> list[float]:
+        return [at for at, retries in self.reclaims if retries]
+
+
+async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> None:
+    pbx = {"name": "pbx1", "host": "127.0.0.1", "username": "u", "secret": "s"}
+    settings = Settings.load(
+        None, env_file=None, servers=[pbx], heartbeat_interval=HEARTBEAT, lease=LEASE
+    )
+    store = RecordingStore()
+    worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+    tasks = [asyncio.create_task(worker._reclaims()), asyncio.create_task(worker.outcomes.run())]
+    try:
+        # Heartbeats go by: the dead-worker check runs each time, no retry search
+        # (the first periodic one comes in the second half of the first lease).
+        await wait_for(lambda: len(store.reclaims) >= 5, timeout=5, what="5 reclaim rounds")
+        assert store.searches() == []
+
+        event = Message(b"Event: Hangup\r\nUniqueid: 1\r\n\r\n")
+        failed_at = time.monotonic()
+        worker.outcomes.record(Job("pbx1", event, "k1", failed_at), ValueError("boom"))
+        await wait_for(
+            lambda: bool(store.searches()),
+            timeout=5,
+            what="a search for the due retry",
+        )
+        found_at = store.searches()[-1]
+        assert failed_at + DUE_IN <= found_at <= failed_at + DUE_IN + 1.0
+
+        # Once searched, it is forgotten: the next rounds search no more.
+        rounds = len(store.reclaims)
+        await wait_for(lambda: len(store.reclaims) >= rounds + 5, timeout=5, what="5 more")
+        assert len(store.searches()) == 1
+    finally:
+        worker.outcomes.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
