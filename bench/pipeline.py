@@ -320,6 +320,8 @@ def main() -> None:
     }
     if args.heartbeat_interval is not None:
         env["AMIWORKER_HEARTBEAT_INTERVAL"] = str(args.heartbeat_interval)
+        # The lease must cover two heartbeats (the settings refuse less).
+        env["AMIWORKER_LEASE"] = str(max(10.0, 2.5 * args.heartbeat_interval))
     print(f"machine: {machine_note()}")
     print(
         f"fleet: {args.workers} workers x 2 PBXs, {args.calls} calls per PBX "
