@@ -35,7 +35,8 @@ encoded), and for a won event the handler awaited inline and an
 worker's CPU with BSON (how many times less CPU the worker's path needs).
 
 Only this process runs the path (no store, no simulator); the machine's other
-load only adds noise, so each figure is the best of ``--rounds``.
+load only adds noise, so each figure is the best of ``--rounds``, the variants
+taking turns within each round.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import importlib.util
 import pstats
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -154,7 +156,7 @@ async def run_worker(
     tuned_gc: bool = False,
 ) -> float:
     pbx = {"name": "pbx1", "host": "127.0.0.1", "username": "bench", "secret": "unused"}
-    settings = Settings(servers=[pbx], handlers=[], _env_file=None)  # type: ignore[call-arg]
+    settings = Settings.load(None, env_file=None, servers=[pbx], handlers=[])
     store = MemoryStore(fleet, encode)
     worker = Worker(settings, registry(), worker_id="bench-worker", store=store)  # type: ignore[arg-type]
     claims = asyncio.create_task(worker.claimer.run())
@@ -202,7 +204,7 @@ async def run_naive(pieces: list[bytes], events: int, rate: float, fleet: int) -
             pass
 
     protocol = AMIProtocol()
-    protocol.connection_made(NullTransport())  # type: ignore[arg-type]
+    protocol.connection_made(NullTransport())
     protocol.factory = Collect()
     handlers = {name.lower() for name in CALL_EVENTS}
     per_chunk = events / len(pieces)
@@ -265,29 +267,35 @@ def main() -> None:
         pstats.Stats(profile).sort_stats(args.sort).print_stats(40)
         return
 
-    parse = min(run_parse(pieces) for _ in range(args.rounds))
-
-    def worker(**options: bool) -> float:
-        return min(
-            asyncio.run(run_worker(pieces, events, args.rate, args.fleet, **options))
-            for _ in range(args.rounds)
-        )
-
-    bare = worker(encode=False)
-    encoded = worker(encode=True)
-    tuned = worker(encode=True, tuned_gc=True)
-    with_uvloop = None
+    # The variants take turns within each round, so that a change in this VM's
+    # speed during the run weighs on all of them alike; each keeps its best round.
+    variants: dict[str, Callable[[], float]] = {
+        "parse": lambda: run_parse(pieces),
+        "bare": lambda: asyncio.run(
+            run_worker(pieces, events, args.rate, args.fleet, encode=False)
+        ),
+        "encoded": lambda: asyncio.run(run_worker(pieces, events, args.rate, args.fleet)),
+        "tuned": lambda: asyncio.run(
+            run_worker(pieces, events, args.rate, args.fleet, tuned_gc=True)
+        ),
+        "naive": lambda: asyncio.run(run_naive(pieces, events, args.rate, args.fleet)),
+    }
     if importlib.util.find_spec("uvloop") is not None:
         import uvloop
 
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        try:
-            with_uvloop = worker(encode=True)
-        finally:
-            asyncio.set_event_loop_policy(None)
-    naive = min(
-        asyncio.run(run_naive(pieces, events, args.rate, args.fleet)) for _ in range(args.rounds)
+        def on_uvloop() -> float:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(run_worker(pieces, events, args.rate, args.fleet))
+
+        variants["uvloop"] = on_uvloop
+    best: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            best[name] = min(best.get(name, float("inf")), run())
+    parse, bare, encoded, tuned, naive = (
+        best[name] for name in ("parse", "bare", "encoded", "tuned", "naive")
     )
+    with_uvloop = best.get("uvloop")
 
     def line(label: str, seconds: float, extra: str = "") -> None:
         print(f"{label:40} {seconds / events * 1e6:6.2f} us/event  {extra}")
