@@ -14,7 +14,6 @@ import asyncio
 import heapq
 import logging
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from amiworker.dispatch import describe_exception
@@ -116,6 +115,5 @@ class Outcomes:
                 key, error, self._settings.max_attempts, self._settings.retry_backoff
             )
             self._failures.pop(0)
-            if failure is not None and failure.retry_at is not None:
-                delay = (failure.retry_at - datetime.now(UTC)).total_seconds()
-                heapq.heappush(self._retries_due, time.monotonic() + max(0.0, delay))
+            if failure is not None and failure.retry_in is not None:
+                heapq.heappush(self._retries_due, time.monotonic() + failure.retry_in)

@@ -46,10 +46,11 @@ MAX_ERROR_LENGTH: Final = 2000
 
 
 class Failure(NamedTuple):
-    """A failed run as recorded: the event's new state, and when it is due again."""
+    """A failed run as recorded: the event's new state, and in how many seconds it
+    is due again (None once DEAD)."""
 
     state: str  # FAILED or DEAD
-    retry_at: datetime | None  # None once DEAD
+    retry_in: float | None
 
 
 WORKERS_COLLECTION: Final = "workers"
@@ -221,9 +222,10 @@ class EventStore:
         """Record a failed run of an event this worker holds.
 
         ``attempts`` goes up by one; below ``max_attempts`` the event becomes
-        ``failed`` with ``retry_at`` = now + ``retry_backoff`` * 2**(attempts-1)
+        ``failed`` with ``retry_at`` = now (MongoDB's clock, which the reclaim
+        compares it with) + ``retry_backoff`` * 2**(attempts-1)
         (plus up to 10% jitter, so a burst of failures does not retry in
-        lockstep), at the limit ``dead``. Returns the new state and retry time,
+        lockstep), at the limit ``dead``. Returns the new state and the delay,
         or None if the event is no longer ours.
         """
         owned = {"_id": key, "state": CLAIMED, "claimed_by": self.worker_id}
@@ -232,6 +234,7 @@ class EventStore:
             if doc is None:
                 return None
             attempts = int(doc.get("attempts", 0)) + 1
+            delay: float | None = None
             doc["attempts"] = attempts
             doc["error"] = _truncate(error)
             if attempts >= max_attempts:
@@ -241,7 +244,7 @@ class EventStore:
                 delay = retry_backoff * 2 ** (attempts - 1)
                 delay += random.uniform(0, delay / 10)
                 doc["state"] = FAILED
-                doc["retry_at"] = datetime.now(UTC) + timedelta(seconds=delay)
+                doc["retry_at"] = await self.server_time() + timedelta(seconds=delay)
             # Compare-and-swap on attempts: a replace rather than a $set, which
             # also keeps retry_at a date on nx-27017 (its $set stores datetimes
             # as strings; MongoDB itself is fine either way).
@@ -250,7 +253,7 @@ class EventStore:
             raise self._unavailable("record a failed event", exc) from None
         if result.modified_count != 1:
             return None
-        return Failure(str(doc["state"]), doc.get("retry_at"))
+        return Failure(str(doc["state"]), delay)
 
     # -- workers -----------------------------------------------------------------------
 

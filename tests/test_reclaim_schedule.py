@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from amiworker.dispatch import HandlerRegistry
@@ -43,7 +42,7 @@ class RecordingStore:
         return []
 
     async def fail(self, key: str, error: str, max_attempts: int, backoff: float) -> Failure:
-        return Failure(FAILED, datetime.now(UTC) + timedelta(seconds=DUE_IN))
+        return Failure(FAILED, DUE_IN)
 
     def searches(self) -> list[float]:
         return [at for at, retries in self.reclaims if retries]
