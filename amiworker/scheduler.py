@@ -41,14 +41,24 @@ class Job:
 
 
 def order_key(server: str, message: Message) -> str:
-    """Events with the same key run in order: the call (Linkedid), else the channel."""
-    linkedid = message.get("Linkedid")
-    if linkedid:
-        return f"{server}\0{linkedid}"
+    """Events with the same key run in order: the call, else the channel.
+
+    The call is the ``Linkedid``, or for an event without one the first header
+    ending in ``linkedid`` (``DestLinkedid`` of a DialBegin with no caller,
+    ``LocalOneLinkedid``...), so that such events run in order with the rest of
+    their call; then the channel, likewise by ``Uniqueid``.
+    """
+    value = message.get("Linkedid") or _first_ending(message, "linkedid")
+    if not value:
+        value = message.get("Uniqueid") or _first_ending(message, "uniqueid")
+    return f"{server}\0{value}" if value else server
+
+
+def _first_ending(message: Message, suffix: str) -> str | None:
     for name, value in message.headers:
-        if name.lower().endswith("uniqueid") and value:
-            return f"{server}\0{value}"
-    return server
+        if value and name.lower().endswith(suffix):
+            return value
+    return None
 
 
 class HandlerScheduler:

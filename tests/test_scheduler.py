@@ -1,0 +1,72 @@
+"""The handler scheduler: the events of one call run in order, calls run side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from amiworker.dispatch import HandlerContext, HandlerRegistry
+from amiworker.protocol import Message
+from amiworker.scheduler import HandlerScheduler, Job, order_key
+from tests.waiting import wait_for
+
+SLOW = 0.3
+
+
+def event(name: str, **headers: str) -> Message:
+    lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+    return Message(f"Event: {name}\r\n{lines}\r\n".encode())
+
+
+def test_events_without_linkedid_join_their_call() -> None:
+    call = order_key("pbx1", event("Newchannel", Uniqueid="1.1", Linkedid="1.1"))
+    # A DialBegin with no caller, a LocalBridge: the call's Linkedid under another name.
+    assert order_key("pbx1", event("DialBegin", DestUniqueid="1.2", DestLinkedid="1.1")) == call
+    assert order_key("pbx1", event("LocalBridge", LocalOneLinkedid="1.1")) == call
+    # No Linkedid of any kind: the channel; nothing at all: the PBX.
+    assert order_key("pbx1", event("Hangup", Uniqueid="7.1")) == "pbx1\x007.1"
+    assert order_key("pbx1", event("DeviceStateChange", Device="PJSIP/100")) == "pbx1"
+    assert order_key("pbx2", event("Hangup", Uniqueid="7.1")) != order_key(
+        "pbx1", event("Hangup", Uniqueid="7.1")
+    )
+
+
+async def test_one_call_in_order_other_calls_alongside() -> None:
+    runs: list[tuple[str, str, float, float]] = []  # (event, linkedid, started, ended)
+
+    async def record(ctx: HandlerContext, message: Message) -> None:
+        started = time.monotonic()
+        if message.name == "Newchannel" and message.get("Linkedid") == "A":
+            await asyncio.sleep(SLOW)  # the call's first event is slow
+        call = message.get("Linkedid") or message.get("DestLinkedid") or ""
+        runs.append((message.name, call, started, time.monotonic()))
+
+    registry = HandlerRegistry(
+        ["test"], [("NewchannelHandler", record), ("DialBeginHandler", record)]
+    )
+    finished: list[Job] = []
+    scheduler = HandlerScheduler(
+        registry,
+        lambda job: None,
+        concurrency=8,
+        timeout=5,
+        on_finished=lambda job, error: finished.append(job),
+    )
+    now = time.monotonic()
+    try:
+        for message in (
+            event("Newchannel", Uniqueid="A", Linkedid="A"),
+            event("DialBegin", DestUniqueid="A2", DestLinkedid="A"),
+            event("Newchannel", Uniqueid="B", Linkedid="B"),
+        ):
+            scheduler.submit(Job("pbx1", message, None, now))
+        await wait_for(lambda: len(finished) == 3, timeout=5, what="3 events handled")
+    finally:
+        await scheduler.cancel()
+
+    by_call = {(name, call): (started, ended) for name, call, started, ended in runs}
+    _, slow_ended = by_call["Newchannel", "A"]
+    # The DialBegin waited for the slow event of its call...
+    assert by_call["DialBegin", "A"][0] >= slow_ended
+    # ...while the other call did not.
+    assert by_call["Newchannel", "B"][1] < slow_ended
