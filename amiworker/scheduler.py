@@ -21,12 +21,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
+from amiworker.cancelling import cancel_until_done
 from amiworker.dispatch import HandlerRegistry, describe_exception, invoke
 from amiworker.protocol import Message
 
 __all__ = ["HandlerScheduler", "Job", "order_key"]
 
 log = logging.getLogger("amiworker.scheduler")
+# Seconds a stop keeps cancelling handler runs that catch their cancellation.
+_GIVE_UP_AFTER = 5.0
 
 
 @dataclass(slots=True)
@@ -197,6 +200,9 @@ class HandlerScheduler:
 
     async def cancel(self) -> None:
         """Stop every runner (abandoning what is running and queued)."""
-        for task in list(self._runners):
-            task.cancel()
-        await asyncio.gather(*self._runners, return_exceptions=True)
+        stuck = await cancel_until_done(list(self._runners), give_up_after=_GIVE_UP_AFTER)
+        if stuck:
+            log.error(
+                "%d handler run(s) ignore cancellation; abandoning them as they are",
+                len(stuck),
+            )

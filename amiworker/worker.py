@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from amiworker import logs
+from amiworker.cancelling import cancel_until_done
 from amiworker.claims import Claimer, Pending
 from amiworker.dedup import races
 from amiworker.dispatch import HandlerContext, HandlerImportError, HandlerRegistry, load_handlers
@@ -181,8 +182,7 @@ class Worker:
         log.info("stopping: logging off, flushing claims, finishing handlers")
         await self.pool.stop(logoff=True)
         claims, outcomes, *others = tasks
-        for task in others:
-            task.cancel()
+        stopping_others = asyncio.create_task(cancel_until_done(others))
         self.claimer.stop()
         try:
             await asyncio.wait_for(claims, self.settings.shutdown_timeout)
@@ -204,7 +204,7 @@ class Worker:
             )
             await self.scheduler.cancel()
         self.outcomes.stop()
-        await asyncio.gather(outcomes, *others, return_exceptions=True)
+        await asyncio.gather(outcomes, stopping_others, return_exceptions=True)
         try:
             # The row stays (state "stopped") so `amiworker status` and the demo can
             # show the final counts; live workers delete it once its lease expired.

@@ -70,3 +70,33 @@ async def test_one_call_in_order_other_calls_alongside() -> None:
     assert by_call["DialBegin", "A"][0] >= slow_ended
     # ...while the other call did not.
     assert by_call["Newchannel", "B"][1] < slow_ended
+
+
+async def test_cancel_ends_a_handler_that_lost_its_first_cancellation() -> None:
+    # As a handler waiting in asyncio.wait_for can on Python 3.11.
+    started = asyncio.Event()
+    cancellations = 0
+
+    async def stubborn(ctx: HandlerContext, message: Message) -> None:
+        nonlocal cancellations
+        started.set()
+        while True:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancellations += 1
+                if cancellations > 1:
+                    raise
+
+    scheduler = HandlerScheduler(
+        HandlerRegistry(["test"], [("HangupHandler", stubborn)]),
+        lambda job: None,
+        concurrency=1,
+        timeout=60,
+        on_finished=lambda job, error: None,
+    )
+    scheduler.submit(Job("pbx1", event("Hangup", Uniqueid="1"), None, time.monotonic()))
+    await asyncio.wait_for(started.wait(), 5)
+    async with asyncio.timeout(5):
+        await scheduler.cancel()
+    assert cancellations == 2

@@ -1,0 +1,69 @@
+"""A worker's stop ends even when a background loop loses its cancellation.
+
+On Python 3.11 ``asyncio.wait_for``, which the MongoDB driver waits with,
+drops a cancellation that arrives as the awaited call finishes; the reclaim
+loop, which had lost it, ran on and the stop never returned. The store here
+is a stand-in whose reclaim drops the first cancellation it receives, as the
+driver can; the PBX is a port nobody listens on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from amiworker.dispatch import HandlerRegistry
+from amiworker.embedded_mongo import free_port
+from amiworker.settings import Settings
+from amiworker.worker import Worker
+from tests.waiting import wait_for
+
+
+class CancelDroppingStore:
+    database = None
+
+    def __init__(self) -> None:
+        self.reclaims = 0
+        self.dropped_a_cancel = False
+        self.stop_recorded = False
+
+    async def ensure_indexes(self, ttl_days: float | None = None) -> None:
+        return None
+
+    async def heartbeat(self, info: dict[str, Any] | None = None) -> None:
+        if info and info.get("state") == "stopped":
+            self.stop_recorded = True
+
+    async def reclaim(self, lease: float, **_: Any) -> list[Any]:
+        self.reclaims += 1
+        try:
+            await asyncio.sleep(30)  # a query in flight, as long as it takes
+        except asyncio.CancelledError:
+            if self.dropped_a_cancel:
+                raise
+            self.dropped_a_cancel = True  # lost, as in asyncio.wait_for on 3.11
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_stop_ends_though_a_loop_lost_its_cancellation() -> None:
+    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
+    settings = Settings.load(
+        None,
+        env_file=None,
+        servers=[pbx],
+        heartbeat_interval=0.01,
+        lease=1.0,
+        shutdown_timeout=1.0,
+    )
+    store = CancelDroppingStore()
+    worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    await wait_for(lambda: store.reclaims >= 1, timeout=5, what="a reclaim query in flight")
+    worker.stop()
+    async with asyncio.timeout(10):
+        await task
+    assert store.dropped_a_cancel
+    assert store.stop_recorded
