@@ -184,9 +184,8 @@ class Worker:
         claims, outcomes, *others = tasks
         stopping_others = asyncio.create_task(cancel_until_done(others))
         self.claimer.stop()
-        try:
-            await asyncio.wait_for(claims, self.settings.shutdown_timeout)
-        except TimeoutError:
+        flushed, _ = await asyncio.wait({claims}, timeout=self.settings.shutdown_timeout)
+        if not flushed:
             lost = self.claimer.depth
             self.stats.dropped += lost
             log.error(
@@ -195,6 +194,9 @@ class Worker:
                 lost,
                 self.settings.shutdown_timeout,
             )
+            # Not asyncio.wait_for: the claim loop may be inside the driver, where a
+            # single cancellation can be lost (see amiworker.cancelling).
+            await cancel_until_done([claims])
         if not await self.scheduler.join(self.settings.shutdown_timeout):
             log.error(
                 "%d handler run(s) still going after %.0f s; abandoning them (a live worker "
