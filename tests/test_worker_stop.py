@@ -1,10 +1,12 @@
-"""A worker's stop ends even when a background loop loses its cancellation.
+"""A worker's stop always ends.
 
 On Python 3.11 ``asyncio.wait_for``, which the MongoDB driver waits with,
 drops a cancellation that arrives as the awaited call finishes; the reclaim
-loop, which had lost it, ran on and the stop never returned. The store here
-is a stand-in whose reclaim drops the first cancellation it receives, as the
-driver can; the PBX is a port nobody listens on.
+loop, which had lost it, ran on and the stop never returned. The stores here
+are stand-ins that drop the first cancellation they receive, as the driver
+can; the PBX is a port nobody listens on. And with MongoDB away for good, the
+stop gives up on the buffered events after ``shutdown_timeout``, counted and
+logged.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from amiworker.dispatch import HandlerRegistry
 from amiworker.embedded_mongo import free_port
+from amiworker.protocol import Message
 from amiworker.settings import Settings
+from amiworker.store import StoreUnavailable
 from amiworker.worker import Worker
 from tests.waiting import wait_for
 
@@ -67,3 +73,36 @@ async def test_stop_ends_though_a_loop_lost_its_cancellation() -> None:
         await task
     assert store.dropped_a_cancel
     assert store.stop_recorded
+
+
+class UnreachableStore(CancelDroppingStore):
+    """MongoDB away for good: every claim fails after a while, as server selection does."""
+
+    async def claim(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            if self.dropped_a_cancel:
+                raise
+            self.dropped_a_cancel = True
+        raise StoreUnavailable("MongoDB at test is unreachable")
+
+
+async def test_stop_gives_up_on_unstorable_events_after_shutdown_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
+    settings = Settings.load(
+        None, env_file=None, servers=[pbx], heartbeat_interval=0.5, shutdown_timeout=0.5
+    )
+    store = UnreachableStore()
+    worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    for n in range(3):
+        worker._on_event("p", Message(f"Event: Hangup\r\nUniqueid: {n}\r\n\r\n".encode()), False)
+    await wait_for(lambda: worker.stats.store_errors >= 2, timeout=5, what="claims failing")
+    worker.stop()
+    async with asyncio.timeout(10):
+        await task
+    assert worker.stats.dropped == 3
+    assert any("3 event(s) not stored" in r.getMessage() for r in caplog.records)
