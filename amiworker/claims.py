@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from amiworker.backoff import full_jitter
 from amiworker.dedup import DedupKeys
 from amiworker.protocol import Message
 from amiworker.stats import WorkerStats
@@ -176,7 +176,7 @@ class Claimer:
                     # what this loop won already must not be claimed twice.
                     self._stats.store_errors += 1
                     attempt += 1
-                    await asyncio.sleep(random.uniform(0, min(_RETRY_MAX, _RETRY_MIN * 2**attempt)))
+                    await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
                 except Exception as exc:
                     self._stats.dropped += 1
                     log.error(
@@ -217,7 +217,7 @@ class Claimer:
                         self._buffer_size,
                     )
                 # Full jitter: workers that lost MongoDB together do not return together.
-                await asyncio.sleep(random.uniform(0, min(_RETRY_MAX, _RETRY_MIN * 2**attempt)))
+                await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
             except Exception as exc:
                 # Not the store being away: a document it cannot take (a driver's
                 # encoding error, say). One bad event must not stop the claims.

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Protocol, TypedDict
 
+from amiworker.backoff import full_jitter
 from amiworker.connection import (
     AMIError,
     AuthenticationFailed,
@@ -80,14 +81,6 @@ class ServerStatus(TypedDict):
     ami_version: str | None
     #: Sessions opened after the first one.
     reconnects: int
-
-
-def full_jitter(
-    attempt: int, minimum: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """The delay before reconnect ``attempt`` (0-based): uniform(0, min(max, min * 2**attempt))."""
-    ceiling = min(maximum, minimum * 2 ** min(attempt, 60))
-    return (rng or random).uniform(0.0, ceiling)
 
 
 def _tls_context(server: ServerConfig) -> ssl.SSLContext | None:
