@@ -118,17 +118,7 @@ def message_from_document(doc: Mapping[str, Any]) -> Message:
 def _escaped_headers(message: Message) -> dict[str, Any]:
     """``headers`` of a message with a NUL byte: BSON cannot hold a NUL in a field
     name, so the header is kept with the NUL visibly escaped."""
-    headers: dict[str, Any] = {}
-    for name, value in message.headers:
-        lowered = name.replace("\x00", "\\x00").lower()
-        previous = headers.get(lowered)
-        if previous is None:
-            headers[lowered] = value
-        elif type(previous) is list:
-            previous.append(value)
-        else:
-            headers[lowered] = [previous, value]
-    return headers
+    return {name.replace("\x00", "\\x00"): value for name, value in message.header_dict().items()}
 
 
 def _first(value: str | list[str] | None) -> str | None:
