@@ -17,59 +17,32 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from amiworker import __version__, logs
-from amiworker.settings import Settings, SettingsError, secrets_of
+from amiworker.flags import (
+    EXIT_BAD_SETTINGS,
+    add_setting_flags,
+    fail_settings,
+    load_settings,
+    register_secrets,
+)
+from amiworker.ops.commands import add_commands as add_operator_commands
+from amiworker.settings import SettingsError
 
 __all__ = ["main"]
-
-EXIT_BAD_SETTINGS = 2
-
-# Flags that map one-to-one onto settings (flag -> field); None means "not given".
-_SETTING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--workers", "workers", {"help": "worker processes (default 1)"}),
-    ("--handlers", "handlers", {"help": "handler modules, comma-separated (default: handlers)"}),
-    ("--app-dir", "app_dir", {"help": "directory handler modules are imported from (default .)"}),
-    ("--mongo-uri", "mongo_uri", {"help": "MongoDB connection string"}),
-    ("--database", "database", {"help": "MongoDB database (default amiworker)"}),
-    ("--driver", "driver", {"help": "MongoDB driver: pymongo or motor"}),
-    ("--race", "race", {"help": "which events race: channel, all or none"}),
-    ("--log-level", "log_level", {"help": "DEBUG, INFO, WARNING, ERROR"}),
-    ("--log-format", "log_format", {"help": "text or json"}),
-    ("--metrics-port", "metrics_port", {"help": "serve Prometheus metrics here"}),
-]
-
-
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML settings file")
-    for flag, field, options in _SETTING_FLAGS:
-        parser.add_argument(flag, dest=field, default=None, **options)
-
-
-def load_settings(args: argparse.Namespace) -> Settings:
-    overrides = {field: getattr(args, field, None) for _, field, _ in _SETTING_FLAGS}
-    return Settings.load(getattr(args, "config", None), **overrides)
-
-
-def _fail_settings(error: SettingsError) -> int:
-    for line in str(error).splitlines():
-        print(f"amiworker: {line}", file=sys.stderr)
-    return EXIT_BAD_SETTINGS
-
 
 # -- subcommands ---------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from amiworker.dispatch import HandlerImportError, load_handlers
-    from amiworker.supervisor import Supervisor
+    from amiworker.fleet.dispatch import HandlerImportError, load_handlers
+    from amiworker.fleet.supervisor import Supervisor
 
     try:
         settings = load_settings(args)
         settings.require_servers()
     except SettingsError as exc:
-        return _fail_settings(exc)
+        return fail_settings(exc)
     logs.configure(settings.log_level, settings.log_format, "supervisor")
     register_secrets(settings)
     try:
@@ -83,27 +56,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from amiworker.check import run_check
+    from amiworker.ops.check import run_check
 
     try:
         settings = load_settings(args)
     except SettingsError as exc:
-        return _fail_settings(exc)
+        return fail_settings(exc)
     logs.configure("WARNING", "text", "check")
     register_secrets(settings)
     return asyncio.run(run_check(settings))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from amiworker.demo import run_demo
+    from amiworker.devstack.demo import run_demo
 
     return run_demo(args)
-
-
-def register_secrets(settings: Settings) -> None:
-    """Mask every configured secret in every log line, whatever prints it."""
-    for secret in secrets_of(settings):
-        logs.register_secret(secret)
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -119,11 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the workers (the default command)")
-    _add_setting_flags(run)
+    add_setting_flags(run)
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check", help="check settings, MongoDB and every PBX")
-    _add_setting_flags(check)
+    add_setting_flags(check)
     check.set_defaults(func=cmd_check)
 
     # Listed for --help; main() hands its arguments to the simulator's own parser.
@@ -139,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", type=Path, default=None, help="keep the store here")
     demo.set_defaults(func=cmd_demo)
 
-    from amiworker import ops_cli
-
-    ops_cli.add_commands(commands, _add_setting_flags)
+    add_operator_commands(commands)
     return parser
 
 
@@ -155,10 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         arguments.insert(0, "run")
     if arguments[0] == "simulate":
-        # The simulator has its own parser (python -m amiworker.simulator); pass it all.
-        from amiworker import simulator
+        # The simulator has its own parser (python -m amiworker.sim); pass it all.
+        from amiworker.sim.command import main as simulate
 
-        return simulator.main(arguments[1:])
+        return simulate(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(arguments)
     func: Callable[[argparse.Namespace], int] = args.func

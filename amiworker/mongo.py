@@ -9,6 +9,7 @@ Both raise ``pymongo.errors`` exceptions.
 from __future__ import annotations
 
 import inspect
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 from pymongo.errors import (
@@ -25,6 +26,7 @@ __all__ = [
     "StoreUnavailable",
     "close_client",
     "open_client",
+    "server_time",
     "unavailable",
 ]
 
@@ -34,11 +36,24 @@ DUPLICATE_KEY: Final = 11000
 _AUTH_FAILED_CODES: Final = frozenset({13, 18})  # Unauthorized, AuthenticationFailed
 
 
+async def server_time(database: Any) -> datetime:
+    """The MongoDB server's clock (``hello.localTime``), UTC; this host's if it has none.
+
+    Heartbeats are stamped with it (``$currentDate``), so whatever compares with
+    them (leases, heartbeat ages) reads the same clock. Raises driver errors.
+    """
+    reply = await database.command("hello")
+    local = reply.get("localTime")
+    if not isinstance(local, datetime):
+        return datetime.now(UTC)
+    return local if local.tzinfo is not None else local.replace(tzinfo=UTC)
+
+
 class StoreUnavailable(Exception):
     """MongoDB cannot be reached or refused a write; one line, no password.
 
     The caller keeps its events and retries later (a retried claim is safe:
-    see ``EventStore.claim``).
+    see ``LockTable.claim``).
     """
 
 

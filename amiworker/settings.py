@@ -218,12 +218,19 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Seconds a handler may run before it counts as failed."
     )
     max_attempts: int = Field(
-        default=5, ge=1, description="Runs of a failing handler before its event is dead."
+        default=5, ge=1, le=100, description="Runs of a failing handler before its event is dead."
     )
     retry_backoff: float = Field(
         default=1.0,
         ge=0,
+        le=86400,
         description="Seconds before the first retry; doubles with every further attempt.",
+    )
+    retry_backoff_max: float = Field(
+        default=3600.0,
+        ge=0,
+        le=7 * 86400,
+        description="Longest delay between two runs of a failing handler, in seconds.",
     )
     heartbeat_interval: float = Field(
         default=2.0, gt=0, description="Seconds between a worker's heartbeats."
@@ -239,9 +246,6 @@ class Settings(BaseSettings):
         ge=1,
         description="Events held in memory while MongoDB is unreachable; beyond it they "
         "are dropped, counted and logged.",
-    )
-    event_queue_size: int = Field(
-        default=10_000, ge=1, description="Bound of the queue between AMI readers and MongoDB."
     )
     reconnect_min: float = Field(
         default=0.5, gt=0, description="First AMI reconnect delay in seconds."

@@ -61,10 +61,11 @@ import bson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from amiworker.dispatch import HandlerContext, HandlerRegistry  # noqa: E402
-from amiworker.protocol import Message, Parser  # noqa: E402
+from amiworker.ami.message import Message  # noqa: E402
+from amiworker.ami.protocol import Parser  # noqa: E402
+from amiworker.fleet.dispatch import HandlerContext, HandlerRegistry  # noqa: E402
+from amiworker.fleet.worker import Worker  # noqa: E402
 from amiworker.settings import Settings  # noqa: E402
-from amiworker.worker import Worker  # noqa: E402
 
 CAPTURE = ROOT / "tests/fixtures/asterisk22-3000-calls.txt.gz"
 CHUNK = 65536
@@ -85,7 +86,7 @@ def registry() -> HandlerRegistry:
 
 
 class MemoryStore:
-    """The part of EventStore a worker's data path uses, with no I/O.
+    """The part of LockTable a worker's data path uses, with no I/O.
 
     Encodes what a driver would encode, and lets this worker win one event in
     ``fleet`` (the other workers of an imagined fleet win the rest).

@@ -2,7 +2,7 @@
 
     python bench/drivers.py [--events 20000] [--batch-size 500] [--rounds 2]
 
-``EventStore.claim`` (what every worker does with every event) is run with each
+``LockTable.claim`` (what every worker does with every event) is run with each
 driver on the same documents: the claim documents of the first ``--events``
 channel events of the 3,000-call capture, built as a worker builds them, in
 ``insert_many`` batches of ``--batch-size``. Each round claims them twice, on a
@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stack import ROOT, channel_events, machine_note
 
-from amiworker.dedup import DedupKeys
-from amiworker.documents import event_document
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.ami.protocol import Parser
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.fleet.dedup import DedupKeys
+from amiworker.fleet.documents import event_document
+from amiworker.fleet.locktable import LockTable
 from amiworker.mongo import close_client, open_client
-from amiworker.protocol import Parser
-from amiworker.store import EventStore
 
 CAPTURE = ROOT / "tests/fixtures/asterisk22-3000-calls.txt.gz"
 DRIVERS = ("pymongo", "motor")
@@ -56,7 +56,7 @@ async def claim_all(
 ) -> tuple[float, float, int]:
     """(wall seconds, CPU seconds, events won) to claim ``docs`` in batches."""
     client = open_client(uri, driver)  # type: ignore[arg-type]
-    store = EventStore(client[database], "events", worker_id)
+    store = LockTable(client[database], "events", worker_id)
     await store.ensure_indexes()
     await store.database.command("ping")
     wall, cpu = time.perf_counter(), time.process_time()

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stack import NOOP_HANDLERS, CpuMeter, Stack, machine_note
 
-from amiworker.dispatch import load_handlers
+from amiworker.fleet.dispatch import load_handlers
+from amiworker.fleet.worker import Worker, new_worker_id
 from amiworker.settings import Settings
-from amiworker.worker import Worker, new_worker_id
 
 
 def worker_process(env: dict[str, str], out: str, index: int) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from amiworker.protocol import Parser
+from amiworker.ami.protocol import Parser
 
 CAPTURE = Path(__file__).resolve().parent.parent / "tests/fixtures/asterisk22-3000-calls.txt.gz"
 EXPECTED_EVENTS = 117_006

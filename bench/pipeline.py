@@ -3,7 +3,7 @@
     python bench/pipeline.py [--calls 500] [--batch-size N] [--batch-delay S] [--driver D]
 
 Real processes on loopback, as deployed: nx-27017, two simulated PBXs
-(``python -m amiworker.simulator``) and ``amiworker --workers 4``, each worker
+(``python -m amiworker.sim``) and ``amiworker --workers 4``, each worker
 holding a session to both PBXs, with a no-op ``async def`` handler for every
 channel event of a call (so every stored event is also handled and its ack
 written). Each PBX starts ``--calls`` calls at once (39 events each, 35 of them
@@ -54,10 +54,10 @@ from stack import (
     machine_note,
 )
 
-from amiworker.dedup import DedupKeys
-from amiworker.documents import ensure_indexes, event_document
+from amiworker.ami.protocol import Parser, encode_action
+from amiworker.fleet.dedup import DedupKeys
+from amiworker.fleet.documents import ensure_indexes, event_document
 from amiworker.mongo import open_client
-from amiworker.protocol import Parser, encode_action
 from amiworker.settings import Settings
 
 #: How many of each channel event a simulated call has (35 in all).

@@ -1,7 +1,7 @@
 """What the benchmarks share: a whole installation on this machine, and ways to watch it.
 
 Not a benchmark itself. ``Stack`` starts nx-27017, simulated PBXs and
-``amiworker --workers N`` as real processes (``amiworker.devstack``), with a
+``amiworker --workers N`` as real processes (``amiworker.devstack.processes``), with a
 handler module of no-op ``async def`` handlers for the channel events of a
 call, so that every stored event is also handled and acknowledged. The CPU
 and memory of each process are read from ``/proc``.
@@ -26,15 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from amiworker.dedup import DedupKeys, races  # noqa: E402
-from amiworker.devstack import (  # noqa: E402
+from amiworker.ami.message import Message  # noqa: E402
+from amiworker.devstack.embedded_mongo import EmbeddedMongo  # noqa: E402
+from amiworker.devstack.processes import (  # noqa: E402
     FleetProcess,
     SimulatorControl,
     SimulatorProcess,
     wait_until,
 )
-from amiworker.embedded_mongo import EmbeddedMongo  # noqa: E402
-from amiworker.protocol import Message  # noqa: E402
+from amiworker.fleet.dedup import DedupKeys, races  # noqa: E402
 
 #: The events of a simulated call that carry a channel id (35 of its 39): they race.
 CHANNEL_EVENTS = (

@@ -37,8 +37,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from amiworker.dispatch import HandlerContext
-from amiworker.protocol import Message
+from amiworker.ami.message import Message
+from amiworker.fleet.dispatch import HandlerContext
 
 COLLECTION = "calls"
 CHANNEL_UP = "6"  # ChannelState of Newstate; the number, unlike "Up", is not localised

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.dedup import DedupKeys, races
-from amiworker.devstack import FleetProcess, SimulatorProcess, wait_until
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.processes import FleetProcess, SimulatorProcess, wait_until
+from amiworker.fleet.dedup import DedupKeys, races
 
 REPO = Path(__file__).resolve().parent.parent
 CHANNEL_EVENTS_PER_CALL = 35  # of 39: DeviceStateChange (4) carries no Uniqueid

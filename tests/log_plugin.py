@@ -2,7 +2,7 @@
 
 The events go in the way a worker stores them: each channel event through
 ``documents.event_document`` with its dedup key, claimed with
-``EventStore.claim``, then acknowledged. A few Hangups fail (two dead, one
+``LockTable.claim``, then acknowledged. A few Hangups fail (two dead, one
 failed), one event stays claimed, the first call is also stored as a second
 PBX's, and the ``workers`` collection holds a live worker and a stale one.
 
@@ -34,16 +34,17 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.dedup import DedupKeys, races
-from amiworker.dispatch import load_handlers
-from amiworker.documents import event_document
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.fleet.dedup import DedupKeys, races
+from amiworker.fleet.dispatch import load_handlers
+from amiworker.fleet.documents import event_document
+from amiworker.fleet.locktable import LockTable
+from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
-from amiworker.protocol import Message, Parser
 from amiworker.settings import Settings
-from amiworker.simulator import FakePBX
-from amiworker.store import EventStore
-from amiworker.worker import Worker
+from amiworker.sim.pbx import FakePBX
 
 ROOT = Path(__file__).parent.parent
 CAPTURE = ROOT / "tests" / "fixtures" / "asterisk22-20-calls.txt"
@@ -102,7 +103,7 @@ async def fill(database: Any) -> FilledLog:
     messages = read_capture()
     pbx1 = documents(messages, "pbx1")
     pbx2 = documents([m for m in messages if m.get("Linkedid") == FIRST_CALL], "pbx2")
-    store = EventStore(database, "events", FILL_WORKER)
+    store = LockTable(database, "events", FILL_WORKER)
     await store.ensure_indexes()
     for start in range(0, len(pbx1), 200):
         assert len(await store.claim(pbx1[start : start + 200])) == len(pbx1[start : start + 200])
@@ -123,7 +124,7 @@ async def fill(database: Any) -> FilledLog:
 
 
 async def add_workers(database: Any) -> None:
-    live = EventStore(database, "events", LIVE_WORKER)
+    live = LockTable(database, "events", LIVE_WORKER)
     await live.heartbeat(
         {
             "state": "running",

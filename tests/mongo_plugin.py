@@ -10,7 +10,7 @@ Fixtures:
   or ``store`` run once per driver.
 - ``database_name``: a fresh database name for this test.
 - ``database``: that database, opened with ``mongo_driver``; dropped afterwards.
-- ``store``: an :class:`EventStore` on ``database`` as worker ``"worker-a"``.
+- ``store``: an :class:`LockTable` on ``database`` as worker ``"worker-a"``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.fleet.locktable import LockTable
 from amiworker.mongo import close_client, open_client
-from amiworker.store import EventStore
 
 DRIVERS = ("pymongo", "motor")
 
@@ -73,5 +73,5 @@ async def database(mongo_client: Any, database_name: str) -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-def store(database: Any, mongo_uri: str) -> EventStore:
-    return EventStore(database, "events", "worker-a", uri=mongo_uri)
+def store(database: Any, mongo_uri: str) -> LockTable:
+    return LockTable(database, "events", "worker-a", uri=mongo_uri)

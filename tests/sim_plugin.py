@@ -3,13 +3,13 @@
 ``fake_pbx``            a started :class:`FakePBX` on a free loopback port.
 ``fake_pbx_factory``    ``await fake_pbx_factory(**options)`` for more, or other options.
 ``pbx_process_factory`` ``await pbx_process_factory(*cli_args)``: ``python -m
-                        amiworker.simulator`` as a child process, ready to connect.
+                        amiworker.sim`` as a child process, ready to connect.
 ``raw_ami``             ``await raw_ami(port)``: a logged-out :class:`RawAMI` client.
 
 :class:`RawAMI` is a deliberately tiny client (a socket and the sans-IO
 Parser) so that tests of the simulator, and tests that need to poke a
 simulator process (``await client.action("SimDropSessions")``), do not depend
-on ``amiworker.connection``.
+on ``amiworker.ami.connection``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
-from amiworker.protocol import Message, Parser, ProtocolError, encode_action
-from amiworker.simulator import FakePBX
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser, ProtocolError, encode_action
+from amiworker.sim.pbx import FakePBX
 
 #: Options that keep tests fast: a bad login answers in 0.2 s, calls last 0.2 s.
 FAST = {"login_failure_delay": 0.2, "call_duration": 0.2}
@@ -246,7 +247,7 @@ class SimProcess:
 async def pbx_process_factory(
     tmp_path: Path,
 ) -> AsyncIterator[Callable[..., Awaitable[SimProcess]]]:
-    """Start ``python -m amiworker.simulator --port 0 ...``; waits until it listens."""
+    """Start ``python -m amiworker.sim --port 0 ...``; waits until it listens."""
     processes: list[SimProcess] = []
 
     async def start(*args: str, timeout: float = 15.0) -> SimProcess:
@@ -256,7 +257,7 @@ async def pbx_process_factory(
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "amiworker.simulator",
+                "amiworker.sim",
                 "--port",
                 "0",
                 "--ready-file",

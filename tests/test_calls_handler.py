@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from amiworker.dispatch import HandlerContext, HandlerRegistry, invoke, load_handlers
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser
+from amiworker.fleet.dispatch import HandlerContext, HandlerRegistry, invoke, load_handlers
 from amiworker.mongo import close_client, open_client
-from amiworker.protocol import Message, Parser
 from handlers.calls import summarise
 
 ROOT = Path(__file__).parent.parent

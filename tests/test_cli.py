@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from amiworker.embedded_mongo import EmbeddedMongo, free_port
-from amiworker.simulator import FakePBX
+from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
+from amiworker.sim.pbx import FakePBX
 from tests.waiting import wait_for
 
 AMI_SECRET = "s3cret-ami-Pa55"

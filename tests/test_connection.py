@@ -19,16 +19,17 @@ from typing import Any
 
 import pytest
 
-from amiworker.connection import (
+from amiworker.ami.connection import Connection
+from amiworker.ami.errors import (
     ActionFailed,
     ActionTimeout,
     AuthenticationFailed,
     ConnectError,
-    Connection,
     ConnectionFinished,
 )
-from amiworker.protocol import Message, Parser
-from amiworker.simulator import FakePBX
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser
+from amiworker.sim.pbx import FakePBX
 from tests.waiting import wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -626,7 +627,7 @@ async def test_repr_never_shows_the_secret(pbx: ScriptedPBX) -> None:
         conn.close()
 
 
-# -- against the simulated PBX (amiworker.simulator.FakePBX) --------------------------------
+# -- against the simulated PBX (amiworker.sim.pbx.FakePBX) --------------------------------
 
 StartPBX = Callable[..., Awaitable[FakePBX]]
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from amiworker.dispatch import (
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser
+from amiworker.fleet.dispatch import (
     HandlerContext,
     HandlerImportError,
     HandlerRegistry,
@@ -25,7 +27,6 @@ from amiworker.dispatch import (
     invoke,
     load_handlers,
 )
-from amiworker.protocol import Message, Parser
 
 EVENT = Parser(banner=False).feed(b"Event: Hangup\r\nUniqueid: 1.2\r\nCause: 16\r\n\r\n")[0]
 
@@ -119,7 +120,7 @@ def test_module_without_handlers_is_a_warning(
     app_dir: Path, write_module: WriteModule, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = write_module("def helper(): ...\n")
-    with caplog.at_level(logging.WARNING, logger="amiworker.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="amiworker.fleet.dispatch"):
         registry = load_handlers([name], app_dir)
     assert len(registry) == 0
     assert f"handler module {name!r} defines no <Event>Handler function" in caplog.text

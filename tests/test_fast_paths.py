@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amiworker.dedup import DedupKeys, belongs_to_channel
-from amiworker.protocol import Message, Parser, ProtocolError
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser, ProtocolError
+from amiworker.fleet.dedup import DedupKeys, belongs_to_channel
 
 PIECES = [
     b"Event: Newexten\r\nUniqueid: 1.1\r\nLinkedid: 1.1\r\n\r\n",

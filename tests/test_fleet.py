@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.devstack import FleetProcess, SimulatorProcess
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import (
     CHANNEL_EVENTS_PER_CALL,
     channel_keys,

@@ -30,14 +30,14 @@ from typing import Any
 
 import pytest
 
-from amiworker.dedup import races
-from amiworker.dispatch import load_handlers
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.ami.protocol import Parser
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.fleet.dedup import races
+from amiworker.fleet.dispatch import load_handlers
+from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
-from amiworker.protocol import Parser
 from amiworker.settings import Settings
-from amiworker.simulator import FakePBX
-from amiworker.worker import Worker
+from amiworker.sim.pbx import FakePBX
 from tests.waiting import wait_for
 
 StartPBX = Callable[..., Awaitable[FakePBX]]

@@ -23,16 +23,17 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from amiworker.connection import Connection
-from amiworker.dedup import races
-from amiworker.dispatch import load_handlers
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.ami.connection import Connection
+from amiworker.ami.message import Message
+from amiworker.ami.pool import ServerPool
+from amiworker.ami.protocol import Parser
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.fleet.dedup import races
+from amiworker.fleet.dispatch import load_handlers
+from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
-from amiworker.pool import ServerPool
-from amiworker.protocol import Message, Parser
 from amiworker.settings import ServerSettings, Settings
-from amiworker.simulator import FakePBX
-from amiworker.worker import Worker
+from amiworker.sim.pbx import FakePBX
 from tests.waiting import wait_for
 
 StartPBX = Callable[..., Awaitable[FakePBX]]
@@ -121,7 +122,7 @@ def our_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno >= logging.WARNING and not r.name.startswith("amiworker.simulator")
+        if r.levelno >= logging.WARNING and not r.name.startswith("amiworker.sim")
     ]
 
 

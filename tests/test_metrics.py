@@ -21,19 +21,19 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from amiworker.devstack import FleetProcess, SimulatorProcess
-from amiworker.embedded_mongo import EmbeddedMongo, free_port
-from amiworker.metrics import (
+from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
+from amiworker.devstack.processes import FleetProcess, SimulatorProcess
+from amiworker.fleet.metrics import (
     COUNTERS,
     WorkerMetrics,
     metrics_port,
     start_metrics,
     start_worker_metrics,
 )
+from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
-from amiworker.simulator import FakePBX
+from amiworker.sim.pbx import FakePBX
 from amiworker.stats import WorkerStats
-from amiworker.worker import Worker
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).parent.parent
@@ -149,10 +149,10 @@ async def test_worker_n_serves_on_metrics_port_plus_n(caplog: pytest.LogCaptureF
     try:
         assert await scrape(port)
         # The port is taken now: a second worker on it logs one error and runs on.
-        with caplog.at_level(logging.ERROR, "amiworker.metrics"):
+        with caplog.at_level(logging.ERROR, "amiworker.fleet.metrics"):
             stop_again = await start_worker_metrics(fake_worker(), port, 0)
         await stop_again()
-        (record,) = [r for r in caplog.records if r.name == "amiworker.metrics"]
+        (record,) = [r for r in caplog.records if r.name == "amiworker.fleet.metrics"]
         assert f"cannot listen on port {port}" in record.getMessage()
         assert "metrics_port + N" in record.getMessage()
     finally:

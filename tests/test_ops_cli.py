@@ -24,13 +24,13 @@ import pytest
 from pymongo import MongoClient
 
 from amiworker import cli
-from amiworker.embedded_mongo import EmbeddedMongo, free_port
-from amiworker.event_filter import event_order
+from amiworker.ami.message import Message
+from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
+from amiworker.fleet.locktable import LockTable
+from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
-from amiworker.protocol import Message
-from amiworker.simulator import FakePBX
-from amiworker.store import EventStore
-from amiworker.worker import Worker
+from amiworker.ops.filters import event_order
+from amiworker.sim.pbx import FakePBX
 from tests.fleet_plugin import CHANNEL_EVENTS_PER_CALL, FleetRun
 from tests.log_plugin import (
     ERROR,
@@ -403,7 +403,7 @@ async def test_follow_prints_events_stored_after_it_started(
     mongo_server: EmbeddedMongo, database_name: str, capture_events: list[Message], how: list[str]
 ) -> None:
     client = open_client(mongo_server.uri)
-    store = EventStore(client[database_name], "events", "live-worker")
+    store = LockTable(client[database_name], "events", "live-worker")
     old, new = capture_events[:10], capture_events[10:40]
     try:
         await store.claim(documents(old, "pbx1"))

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from amiworker.connection import Connection
-from amiworker.pool import ServerPool, full_jitter
-from amiworker.protocol import Message
+from amiworker.ami.connection import Connection
+from amiworker.ami.message import Message
+from amiworker.ami.pool import ServerPool
+from amiworker.backoff import exponential, full_jitter
 from amiworker.settings import ServerSettings
-from amiworker.simulator import FakePBX
+from amiworker.sim.pbx import FakePBX
 from tests.test_connection import CALL_EVENTS, SECRET, ScriptedPBX, _free_port
 from tests.waiting import wait_for
 
@@ -49,6 +50,13 @@ def test_full_jitter_stays_within_the_exponential_ceiling() -> None:
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling * 0.9 and min(delays) < ceiling * 0.1  # full jitter
     assert full_jitter(10_000, 0.5, 30.0, rng) <= 30.0  # no overflow
+
+
+def test_exponential_backoff_is_capped_and_never_overflows() -> None:
+    assert [exponential(n, 1.0, 10.0) for n in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert exponential(-3, 1.0, 10.0) == 1.0  # "no failure yet" is the minimum
+    # A handler retried for ever, a store away for a month: a float, never an OverflowError.
+    assert exponential(10**9, 1.0, 3600.0) == 3600.0
 
 
 async def test_pool_connects_to_every_pbx_and_routes_events_by_name() -> None:

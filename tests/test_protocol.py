@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amiworker.protocol import (
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import (
     MAX_ACTION_LINE,
-    Message,
     Parser,
     ProtocolError,
     encode_action,

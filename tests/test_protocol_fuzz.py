@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from amiworker.protocol import DEFAULT_MAX_MESSAGE_SIZE, Message, Parser, ProtocolError
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import DEFAULT_MAX_MESSAGE_SIZE, Parser, ProtocolError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"

@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from pymongo.errors import OperationFailure
 
-from amiworker.documents import DEAD, FAILED
-from amiworker.embedded_mongo import free_port
-from amiworker.event_filter import EventFilter, event_order
-from amiworker.follow import follow
+from amiworker.ami.message import Message
+from amiworker.devstack.embedded_mongo import free_port
+from amiworker.fleet.documents import DEAD, FAILED
+from amiworker.fleet.locktable import LockTable
 from amiworker.mongo import StoreUnavailable, close_client, open_client
-from amiworker.protocol import Message
-from amiworker.query import EventQuery
-from amiworker.store import EventStore
+from amiworker.ops.filters import EventFilter, event_order
+from amiworker.ops.follow import follow
+from amiworker.ops.query import EventQuery
 from amiworker.timeparse import parse_time
 from tests.log_plugin import (
     ERROR,
@@ -328,9 +328,9 @@ def new_docs(
     return docs
 
 
-async def backlog_of(database: Any, messages: list[Message], count: int) -> EventStore:
+async def backlog_of(database: Any, messages: list[Message], count: int) -> LockTable:
     """A log of ``count`` events, received a minute ago; the store of another worker."""
-    store = EventStore(database, "events", "other-worker")
+    store = LockTable(database, "events", "other-worker")
     await store.ensure_indexes()
     received = datetime.now(UTC) - timedelta(minutes=1)
     assert len(await store.claim(new_docs(messages, "pbx-old", count, received))) == count

@@ -17,13 +17,13 @@ import asyncio
 import time
 from typing import Any
 
-from amiworker.dispatch import HandlerRegistry
-from amiworker.documents import FAILED
-from amiworker.protocol import Message
-from amiworker.scheduler import Job
+from amiworker.ami.message import Message
+from amiworker.fleet.dispatch import HandlerRegistry
+from amiworker.fleet.documents import FAILED
+from amiworker.fleet.locktable import Failure
+from amiworker.fleet.scheduler import Job
+from amiworker.fleet.worker import Worker
 from amiworker.settings import Settings
-from amiworker.store import Failure
-from amiworker.worker import Worker
 from tests.waiting import wait_for
 
 HEARTBEAT = 0.05
@@ -41,7 +41,7 @@ class RecordingStore:
         self.reclaims.append((time.monotonic(), retries))
         return []
 
-    async def fail(self, key: str, error: str, max_attempts: int, backoff: float) -> Failure:
+    async def fail(self, key: str, error: str, *limits: float) -> Failure:
         return Failure(FAILED, DUE_IN)
 
     def searches(self) -> list[float]:

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from amiworker.dispatch import HandlerRegistry, load_handlers
-from amiworker.event_filter import EventFilter
-from amiworker.query import EventQuery
-from amiworker.replay import replay
-from amiworker.simulator import FakePBX
-from amiworker.worker import Worker
+from amiworker.fleet.dispatch import HandlerRegistry, load_handlers
+from amiworker.fleet.worker import Worker
+from amiworker.ops.filters import EventFilter
+from amiworker.ops.query import EventQuery
+from amiworker.ops.replay import replay
+from amiworker.sim.pbx import FakePBX
 from tests.log_plugin import FIRST_CALL, FilledLog
 from tests.waiting import wait_for
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.dedup import DedupKeys, races
-from amiworker.devstack import FleetProcess, SimulatorProcess
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.processes import FleetProcess, SimulatorProcess
+from amiworker.fleet.dedup import DedupKeys, races
 from tests.fleet_plugin import (
     channel_keys,
     read_invocations,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from amiworker.dispatch import HandlerContext, HandlerRegistry
-from amiworker.protocol import Message
-from amiworker.scheduler import HandlerScheduler, Job, order_key
+from amiworker.ami.message import Message
+from amiworker.fleet.dispatch import HandlerContext, HandlerRegistry
+from amiworker.fleet.scheduler import HandlerScheduler, Job, order_key
 from tests.waiting import wait_for
 
 SLOW = 1.0  # long beside what running the other call takes, even on a loaded machine

@@ -27,10 +27,10 @@ from urllib.parse import quote
 
 import pytest
 
-from amiworker.dispatch import load_handlers
+from amiworker.fleet.dispatch import load_handlers
+from amiworker.fleet.worker import Worker
 from amiworker.settings import Settings
-from amiworker.simulator import FakePBX
-from amiworker.worker import Worker
+from amiworker.sim.pbx import FakePBX
 from tests.waiting import wait_for
 
 StartPBX = Callable[..., Awaitable[FakePBX]]

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from amiworker.protocol import Message, Parser
-from amiworker.simulator import FakePBX, build_arg_parser
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser
+from amiworker.sim.command import build_arg_parser
+from amiworker.sim.pbx import FakePBX
 from tests.sim_plugin import RawAMI, SimProcess
 from tests.waiting import wait_for
 
@@ -580,7 +582,7 @@ async def test_a_busy_port_is_one_clear_line_and_status_2(fake_pbx: FakePBX) -> 
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "amiworker.simulator",
+        "amiworker.sim",
         "--port",
         str(fake_pbx.port),
         stdout=asyncio.subprocess.PIPE,

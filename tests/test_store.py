@@ -18,23 +18,45 @@ from typing import Any
 import pytest
 from pymongo.errors import AutoReconnect, BulkWriteError
 
-from amiworker.documents import (
+from amiworker.ami.message import Message
+from amiworker.ami.protocol import Parser
+from amiworker.devstack.embedded_mongo import EmbeddedMongo, EmbeddedMongoError, free_port
+from amiworker.fleet.documents import (
     CLAIMED,
     DEAD,
     DONE,
     FAILED,
     INDEXES,
+    STATES,
     TTL_KEY,
     event_document,
     message_from_document,
-    parse_timestamp,
 )
-from amiworker.embedded_mongo import EmbeddedMongo, EmbeddedMongoError, free_port
+from amiworker.fleet.locktable import MAX_ERROR_LENGTH, LockTable, StoreUnavailable
 from amiworker.mongo import close_client, open_client
-from amiworker.protocol import Message, Parser
-from amiworker.store import MAX_ERROR_LENGTH, EventStore, StoreUnavailable
+from amiworker.ops.filters import EventFilter
+from amiworker.ops.query import EventQuery
+from amiworker.timeparse import timestamp_datetime, timestamp_micros
 
 RECEIVED = datetime(2026, 11, 26, 7, 0, 0, tzinfo=UTC)
+
+
+# What an operator reads, straight from the collections (the lock table has no query API).
+async def get_event(table: LockTable, key: str) -> dict[str, Any] | None:
+    doc: dict[str, Any] | None = await table.events.find_one({"_id": key})
+    return doc
+
+
+async def find_events(table: LockTable, query: dict[str, Any]) -> list[dict[str, Any]]:
+    return [doc async for doc in table.events.find(query).sort([("ts", 1), ("_id", 1)])]
+
+
+async def count_by_state(table: LockTable) -> dict[str, int]:
+    return {state: await table.events.count_documents({"state": state}) for state in STATES}
+
+
+async def list_workers(table: LockTable) -> list[dict[str, Any]]:
+    return [doc async for doc in table.workers.find({}).sort("_id", 1)]
 
 
 def message(*headers: tuple[str, str]) -> Message:
@@ -139,10 +161,15 @@ def test_document_bad_timestamp_falls_back_to_received_at(value: str) -> None:
 
 
 def test_parse_timestamp() -> None:
-    assert parse_timestamp("1795675581.052545") == datetime(
+    assert timestamp_datetime("1795675581.052545") == datetime(
         2026, 11, 26, 6, 46, 21, 52545, tzinfo=UTC
     )
-    assert parse_timestamp(None) is None
+    assert timestamp_datetime(None) is None
+    # Exact, not through a float: the microseconds survive any magnitude.
+    assert timestamp_micros("1795675581.052545") == 1795675581_052545
+    assert timestamp_micros("1795675581") == 1795675581_000000
+    for garbage in ("nan", "inf", "-5.1", "1e9", "1795675581.5x", "9" * 30):
+        assert timestamp_micros(garbage) is None and timestamp_datetime(garbage) is None
 
 
 def test_documents_of_the_real_capture(fixtures_dir: Any) -> None:
@@ -178,13 +205,13 @@ def test_message_from_document_round_trip() -> None:
 # -- indexes --------------------------------------------------------------------------
 
 
-async def index_keys(store: EventStore) -> dict[tuple[tuple[str, int], ...], dict[str, Any]]:
+async def index_keys(store: LockTable) -> dict[tuple[tuple[str, int], ...], dict[str, Any]]:
     """Indexes by their keys (nx-27017 renames indexes; MongoDB keeps our names)."""
     info = await store.events.index_information()
     return {tuple((k, int(d)) for k, d in spec["key"]): spec for spec in info.values()}
 
 
-async def test_indexes_exist_and_ensure_is_idempotent(store: EventStore) -> None:
+async def test_indexes_exist_and_ensure_is_idempotent(store: LockTable) -> None:
     await store.ensure_indexes()
     first = await index_keys(store)
     await store.ensure_indexes()
@@ -194,7 +221,7 @@ async def test_indexes_exist_and_ensure_is_idempotent(store: EventStore) -> None
     assert all("expireAfterSeconds" not in spec for spec in first.values())
 
 
-async def test_ttl_index_created_changed_and_dropped(store: EventStore) -> None:
+async def test_ttl_index_created_changed_and_dropped(store: LockTable) -> None:
     ttl = tuple(TTL_KEY)
     await store.ensure_indexes(ttl_days=1)
     assert (await index_keys(store))[ttl]["expireAfterSeconds"] == 86400
@@ -212,21 +239,21 @@ async def test_ttl_index_created_changed_and_dropped(store: EventStore) -> None:
 @pytest.fixture
 async def open_store(
     mongo_uri: str, mongo_driver: str, database_name: str
-) -> AsyncIterator[Callable[[str], EventStore]]:
+) -> AsyncIterator[Callable[[str], LockTable]]:
     """Stores of other workers on the same database, each with its own client."""
     clients: list[Any] = []
 
-    def opener(worker_id: str) -> EventStore:
+    def opener(worker_id: str) -> LockTable:
         client = open_client(mongo_uri, mongo_driver)  # type: ignore[arg-type]
         clients.append(client)
-        return EventStore(client[database_name], "events", worker_id, uri=mongo_uri)
+        return LockTable(client[database_name], "events", worker_id, uri=mongo_uri)
 
     yield opener
     for client in clients:
         await close_client(client)
 
 
-async def test_claim_stores_the_document_as_built(store: EventStore) -> None:
+async def test_claim_stores_the_document_as_built(store: LockTable) -> None:
     msg = message(
         ("Event", "VarSet"),
         ("Timestamp", "1795675581.052680"),
@@ -237,7 +264,7 @@ async def test_claim_stores_the_document_as_built(store: EventStore) -> None:
     )
     doc = event_document("k1", "pbx1", msg, "worker-a", RECEIVED)
     assert await store.claim([doc]) == [doc]
-    stored = await store.get_event("k1")
+    stored = await get_event(store, "k1")
     assert stored is not None
     # BSON dates hold milliseconds; the exact Timestamp stays in the headers.
     assert stored["ts"] == datetime(2026, 11, 26, 6, 46, 21, 52000, tzinfo=UTC)
@@ -246,7 +273,7 @@ async def test_claim_stores_the_document_as_built(store: EventStore) -> None:
 
 
 async def test_second_claim_of_same_events_wins_nothing(
-    store: EventStore, open_store: Callable[[str], EventStore]
+    store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     other = open_store("worker-b")
     assert len(await store.claim(docs_for(10, "worker-a"))) == 10
@@ -259,12 +286,12 @@ async def test_second_claim_of_same_events_wins_nothing(
 
 
 async def test_concurrent_claims_each_event_won_exactly_once(
-    store: EventStore, open_store: Callable[[str], EventStore]
+    store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     stores = [store, open_store("worker-b"), open_store("worker-c")]
     count = 300
 
-    async def race(s: EventStore, seed: int) -> list[str]:
+    async def race(s: LockTable, seed: int) -> list[str]:
         docs = docs_for(count, s.worker_id)
         random.Random(seed).shuffle(docs)
         won: list[str] = []
@@ -276,7 +303,7 @@ async def test_concurrent_claims_each_event_won_exactly_once(
     all_won = [key for won in results for key in won]
     assert sorted(all_won) == sorted(d["_id"] for d in docs_for(count, "x"))  # once each
     for s, won in zip(stores, results, strict=True):
-        holders = {d["_id"]: d["claimed_by"] for d in await s.find_events({}, limit=count)}
+        holders = {d["_id"]: d["claimed_by"] for d in await find_events(s, {})}
         assert all(holders[key] == s.worker_id for key in won)
     assert sum(1 for won in results if won) >= 1
 
@@ -298,7 +325,7 @@ class FlakyInsert:
 
 
 async def test_retried_claim_keeps_what_the_lost_attempt_won(
-    store: EventStore, open_store: Callable[[str], EventStore]
+    store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     other = open_store("worker-b")
     assert len(await other.claim(docs_for(5, "worker-b"))) == 5  # k0000..k0004 are b's
@@ -355,7 +382,7 @@ async def test_claim_other_write_errors_are_unavailable(
     details: dict[str, Any], expected: str
 ) -> None:
     uri = "mongodb://app:hunter2@db1,db2/?replicaSet=rs"
-    store = EventStore(FakeDatabase(BulkWriteError(details)), "events", "w", uri=uri)
+    store = LockTable(FakeDatabase(BulkWriteError(details)), "events", "w", uri=uri)
     with pytest.raises(StoreUnavailable) as info:
         await store.claim(docs_for(2, "w"))
     text = str(info.value)
@@ -366,7 +393,7 @@ async def test_claim_other_write_errors_are_unavailable(
 
 async def test_claim_duplicates_only_is_not_an_error() -> None:
     details = {"writeErrors": [{"index": 1, "code": 11000, "errmsg": "UNIQUE constraint"}]}
-    store = EventStore(FakeDatabase(BulkWriteError(details)), "events", "w")
+    store = LockTable(FakeDatabase(BulkWriteError(details)), "events", "w")
     docs = docs_for(3, "w")
     assert await store.claim(docs) == [docs[0], docs[2]]
 
@@ -375,7 +402,7 @@ async def test_unreachable_server_gives_one_line_without_password(mongo_driver: 
     uri = f"mongodb://app:hunter2@127.0.0.1:{free_port()}/"
     client = open_client(uri, mongo_driver, serverSelectionTimeoutMS=200)  # type: ignore[arg-type]
     try:
-        store = EventStore(client["amiworker"], "events", "w", uri=uri)
+        store = LockTable(client["amiworker"], "events", "w", uri=uri)
         attempts = (store.claim(docs_for(1, "w")), store.ack("k0000"), store.heartbeat())
         errors = await asyncio.gather(*attempts, return_exceptions=True)
         for error in errors:
@@ -392,7 +419,7 @@ async def test_store_recovers_when_the_server_comes_back(tmp_path: Path, mongo_d
     async with EmbeddedMongo(tmp_path / "nx") as server:
         client = open_client(server.uri, mongo_driver, serverSelectionTimeoutMS=300)  # type: ignore[arg-type]
         try:
-            store = EventStore(client["outage"], "events", "w", uri=server.uri)
+            store = LockTable(client["outage"], "events", "w", uri=server.uri)
             assert len(await store.claim(docs_for(3, "w", prefix="before-"))) == 3
             port = server.port
             await server.akill()
@@ -403,7 +430,7 @@ async def test_store_recovers_when_the_server_comes_back(tmp_path: Path, mongo_d
             # Nothing of the failed claim was stored: the retry wins it all.
             assert len(await store.claim(docs_for(5, "w", prefix="during-"))) == 5
             # What was stored before the crash is still there.
-            assert await store.count_by_state() == {CLAIMED: 8, DONE: 0, FAILED: 0, DEAD: 0}
+            assert await count_by_state(store) == {CLAIMED: 8, DONE: 0, FAILED: 0, DEAD: 0}
         finally:
             await close_client(client)
 
@@ -421,24 +448,24 @@ def test_a_port_held_by_another_server_is_a_clear_error(
 # -- handler outcomes ----------------------------------------------------------------------
 
 
-async def test_ack(store: EventStore, open_store: Callable[[str], EventStore]) -> None:
+async def test_ack(store: LockTable, open_store: Callable[[str], LockTable]) -> None:
     await store.claim(docs_for(3, "worker-a"))
     assert await open_store("worker-b").ack("k0000") is False  # not b's event
     assert await store.ack("k0000") is True
     assert await store.ack("k0000") is False  # already done
-    doc = await store.get_event("k0000")
+    doc = await get_event(store, "k0000")
     assert doc is not None and doc["state"] == DONE
     assert isinstance(doc["done_at"], datetime)
     assert await store.ack_many(["k0001", "k0002", "missing"]) == 2
-    assert await store.count_by_state() == {CLAIMED: 0, DONE: 3, FAILED: 0, DEAD: 0}
+    assert await count_by_state(store) == {CLAIMED: 0, DONE: 3, FAILED: 0, DEAD: 0}
 
 
-async def test_fail_retry_then_dead(store: EventStore) -> None:
+async def test_fail_retry_then_dead(store: LockTable) -> None:
     await store.claim(docs_for(1, "worker-a"))
     before = datetime.now(UTC)
     failure = await store.fail("k0000", "ValueError: boom", max_attempts=3, retry_backoff=10)
     assert failure is not None and failure.state == FAILED
-    doc = await store.get_event("k0000")
+    doc = await get_event(store, "k0000")
     assert doc is not None
     assert (doc["state"], doc["attempts"], doc["error"]) == (FAILED, 1, "ValueError: boom")
     delay = (doc["retry_at"] - before).total_seconds()
@@ -456,14 +483,14 @@ async def test_fail_retry_then_dead(store: EventStore) -> None:
         assert taken[0]["state"] == CLAIMED and taken[0]["claimed_by"] == "worker-a"
         failure = await store.fail("k0000", f"failure {attempts}", 3, 0.0)
         assert failure is not None and failure.state == state
-    doc = await store.get_event("k0000")
+    doc = await get_event(store, "k0000")
     assert doc is not None
     assert (doc["state"], doc["attempts"], doc["error"]) == (DEAD, 3, "failure 3")
     assert "retry_at" not in doc and failure.retry_in is None
     assert await store.reclaim(lease=10) == []
 
 
-async def test_reclaim_leaves_due_retries_when_told_to(store: EventStore) -> None:
+async def test_reclaim_leaves_due_retries_when_told_to(store: LockTable) -> None:
     await store.claim(docs_for(1, "worker-a"))
     await store.fail("k0000", "boom", max_attempts=3, retry_backoff=0.0)
     # Without retries the reclaim reads only the workers: nothing is taken.
@@ -471,21 +498,22 @@ async def test_reclaim_leaves_due_retries_when_told_to(store: EventStore) -> Non
     assert [d["_id"] for d in await store.reclaim(lease=10)] == ["k0000"]
 
 
-async def test_fail_truncates_long_errors(store: EventStore) -> None:
+async def test_fail_truncates_long_errors(store: LockTable) -> None:
     await store.claim(docs_for(1, "worker-a"))
     await store.fail("k0000", "x" * 100_000, max_attempts=1, retry_backoff=1)
-    doc = await store.get_event("k0000")
+    doc = await get_event(store, "k0000")
     assert doc is not None and doc["state"] == DEAD
     assert len(doc["error"]) == MAX_ERROR_LENGTH and doc["error"].endswith("(truncated)")
 
 
-async def test_retry_dead(store: EventStore) -> None:
+async def test_retry_dead(store: LockTable) -> None:
     await store.claim(docs_for(3, "worker-a"))
     for key in ("k0000", "k0001"):
         await store.fail(key, "boom", max_attempts=1, retry_backoff=1)
-    assert await store.retry_dead({"_id": "k0001"}) == 1
-    assert await store.retry_dead() == 1
-    assert await store.retry_dead() == 0
+    operator = EventQuery(store.database)
+    assert await operator.retry_dead(EventFilter.of(uniqueid="u1")) == 1
+    assert await operator.retry_dead() == 1
+    assert await operator.retry_dead() == 0
     taken = await store.reclaim(lease=10)
     assert sorted(d["_id"] for d in taken) == ["k0000", "k0001"]
     assert all(d["attempts"] == 0 for d in taken)
@@ -494,30 +522,28 @@ async def test_retry_dead(store: EventStore) -> None:
 # -- workers and reclaiming ------------------------------------------------------------------
 
 
-async def test_heartbeat_and_remove(store: EventStore) -> None:
+async def test_heartbeat(store: LockTable) -> None:
     await store.heartbeat({"servers": {"pbx1": "up"}, "queue_depth": 3})
-    first = (await store.list_workers())[0]
+    first = (await list_workers(store))[0]
     assert first["_id"] == "worker-a" and first["queue_depth"] == 3
     assert isinstance(first["pid"], int) and first["host"]
     assert isinstance(first["last_seen"], datetime)
     await store.heartbeat({"queue_depth": 4})
-    second = (await store.list_workers())[0]
+    second = (await list_workers(store))[0]
     assert second["queue_depth"] == 4
     assert isinstance(second["last_seen"], datetime)  # still a date after an update
     assert second["last_seen"] >= first["last_seen"]
     assert abs(second["last_seen"] - await store.server_time()) < timedelta(seconds=5)
-    await store.remove_worker()
-    assert await store.list_workers() == []
 
 
-async def add_dead_worker(store: EventStore, worker_id: str, docs: int) -> None:
+async def add_dead_worker(store: LockTable, worker_id: str, docs: int) -> None:
     seen = await store.server_time() - timedelta(seconds=60)
     await store.workers.insert_one({"_id": worker_id, "last_seen": seen})
     await store.claim(docs_for(docs, worker_id, prefix=f"{worker_id}-"))
 
 
 async def test_reclaim_from_dead_worker_by_two_live_workers(
-    store: EventStore, open_store: Callable[[str], EventStore]
+    store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     await add_dead_worker(store, "dead-1", 60)
     live = [open_store("worker-b"), open_store("worker-c")]
@@ -532,24 +558,24 @@ async def test_reclaim_from_dead_worker_by_two_live_workers(
     for s, docs in zip(live, results, strict=True):
         for doc in docs:
             assert (doc["claimed_by"], doc["state"], doc["attempts"]) == (s.worker_id, CLAIMED, 1)
-    holders = {d["_id"]: d["claimed_by"] for d in await store.find_events({}, limit=100)}
+    holders = {d["_id"]: d["claimed_by"] for d in await find_events(store, {})}
     assert all(holders[key] == "worker-a" for key in holders if key.startswith("alive-"))
-    assert "dead-1" not in {w["_id"] for w in await store.list_workers()}
+    assert "dead-1" not in {w["_id"] for w in await list_workers(store)}
     assert await live[0].reclaim(lease=10) == []
 
 
-async def test_reclaim_buries_an_event_that_keeps_killing_workers(store: EventStore) -> None:
+async def test_reclaim_buries_an_event_that_keeps_killing_workers(store: LockTable) -> None:
     await add_dead_worker(store, "dead-1", 2)
     await store.events.update_one({"_id": "dead-1-0000"}, {"$set": {"attempts": 4}})
     taken = await store.reclaim(lease=10, max_attempts=5)
     assert [d["_id"] for d in taken] == ["dead-1-0001"]
-    doc = await store.get_event("dead-1-0000")
+    doc = await get_event(store, "dead-1-0000")
     assert doc is not None and doc["state"] == DEAD
     assert doc["error"] == "worker dead-1 died while running it"
 
 
 async def test_a_live_worker_is_not_reclaimed(
-    store: EventStore, open_store: Callable[[str], EventStore]
+    store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     await store.heartbeat()
     await store.claim(docs_for(3, "worker-a"))
@@ -559,7 +585,7 @@ async def test_a_live_worker_is_not_reclaimed(
 # -- queries -------------------------------------------------------------------------------
 
 
-async def test_find_events_and_counts(store: EventStore) -> None:
+async def test_find_events_and_counts(store: LockTable) -> None:
     docs = [
         event_document(
             f"k{i}", "pbx1", hangup(f"u{i}", f"l{i % 2}", f"17956755{i}0.5"), "worker-a", RECEIVED
@@ -568,26 +594,27 @@ async def test_find_events_and_counts(store: EventStore) -> None:
     ]
     await store.claim(docs)
     await store.ack("k0")
-    newest = await store.find_events({"linkedid": "l0"}, newest_first=True)
-    assert [d["_id"] for d in newest] == ["k4", "k2", "k0"]
-    assert [d["_id"] for d in await store.find_events({"linkedid": "l1"}, limit=2)] == ["k1", "k3"]
-    assert await store.count_by_state() == {CLAIMED: 5, DONE: 1, FAILED: 0, DEAD: 0}
+    operator = EventQuery(store.database)
+    newest = await operator.find(EventFilter.of(linkedid="l0"), limit=2)
+    assert [d["_id"] for d in newest] == ["k2", "k4"]  # the newest two, oldest first
+    assert [d["_id"] for d in await find_events(store, {"linkedid": "l1"})] == ["k1", "k3", "k5"]
+    assert await count_by_state(store) == {CLAIMED: 5, DONE: 1, FAILED: 0, DEAD: 0}
 
 
 def test_store_needs_a_worker_id() -> None:
     with pytest.raises(ValueError, match="worker_id"):
-        EventStore(FakeDatabase(RuntimeError()), "events", "")
+        LockTable(FakeDatabase(RuntimeError()), "events", "")
 
 
 async def test_from_settings_opens_and_closes_its_client(mongo_uri: str, mongo_driver: str) -> None:
     from amiworker.settings import Settings
 
     settings = Settings.load(env_file=None, mongo_uri=mongo_uri, driver=mongo_driver, database="fs")
-    store = EventStore.from_settings(settings, "worker-z")
+    store = LockTable.from_settings(settings, "worker-z")
     try:
         assert store.events.name == "events" and store.database.name == "fs"
         await store.heartbeat()
-        assert [w["_id"] for w in await store.list_workers()] == ["worker-z"]
+        assert [w["_id"] for w in await list_workers(store)] == ["worker-z"]
     finally:
         await store.database.client.drop_database("fs")
         await store.close()

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.devstack import FleetProcess, SimulatorProcess
-from amiworker.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import REPO, pace_calls, wait_connected
 from tests.waiting import wait_for
 

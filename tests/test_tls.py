@@ -28,11 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import SecretStr
 
-from amiworker.connection import ConnectError, Connection
-from amiworker.pool import ServerPool
-from amiworker.protocol import Message
+from amiworker.ami.connection import Connection
+from amiworker.ami.errors import ConnectError
+from amiworker.ami.message import Message
+from amiworker.ami.pool import ServerPool
 from amiworker.settings import ServerSettings
-from amiworker.simulator import FakePBX
+from amiworker.sim.pbx import FakePBX
 from tests.sim_plugin import SimProcess
 from tests.waiting import wait_for
 
@@ -173,7 +174,7 @@ def test_a_simulator_process_with_a_missing_certificate_says_so_in_one_line(
 ) -> None:
     missing = tmp_path / "missing.pem"
     result = subprocess.run(
-        [sys.executable, "-m", "amiworker.simulator", "--port", "0", "--tls-cert", str(missing)],
+        [sys.executable, "-m", "amiworker.sim", "--port", "0", "--tls-cert", str(missing)],
         capture_output=True,
         text=True,
         timeout=30,

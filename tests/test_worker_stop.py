@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from amiworker.dispatch import HandlerRegistry
-from amiworker.embedded_mongo import free_port
-from amiworker.protocol import Message
+from amiworker.ami.message import Message
+from amiworker.devstack.embedded_mongo import free_port
+from amiworker.fleet.dispatch import HandlerRegistry
+from amiworker.fleet.locktable import StoreUnavailable
+from amiworker.fleet.worker import Worker
 from amiworker.settings import Settings
-from amiworker.store import StoreUnavailable
-from amiworker.worker import Worker
 from tests.waiting import wait_for
 
 

@@ -1,0 +1,301 @@
+"""One AMI message: its exact bytes, and its headers read lazily from them.
+
+A worker that only needs the raw bytes (to hash them) or the event name pays
+for nothing else; the header index is built on first access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from operator import itemgetter
+from typing import Literal
+
+__all__ = ["Message", "MessageKind", "decode"]
+
+_END_COMMAND = "--END COMMAND--"
+# Headers that may precede the raw body of a "Response: Follows" reply.
+_FOLLOWS_HEADERS = frozenset({"response", "privilege", "actionid"})
+
+
+class _LowerCased(dict[str, str]):
+    """Header names, lower-cased once: a few dozen names make up all of AMI, and a
+    dict lookup costs less than lowering the same name in every message. The
+    lower-cased strings are shared, so they also hash once and take no memory
+    per message."""
+
+    __slots__ = ()
+    _LIMIT = 4096  # a peer inventing names only ever costs this much
+
+    def __missing__(self, name: str) -> str:
+        if len(self) >= self._LIMIT:
+            self.clear()
+        lowered = self[name] = name.lower()
+        return lowered
+
+
+_lower = _LowerCased().__getitem__
+
+
+_Part = tuple[str, str, str]  # a line's str.partition(": "): name, separator, value
+_SEPARATOR = itemgetter(1)
+_COLON_SPACE = frozenset({": "})
+
+
+def _index_of(parts: list[_Part]) -> dict[str, str]:
+    """Lower-cased name -> value (the last of a repeat wins)."""
+    return {_lower(name): value for name, _, value in parts}
+
+
+MessageKind = Literal["event", "response", "unknown"]
+
+
+def decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Keep every byte visible (as \\xNN) rather than dropping or raising:
+        # the exact bytes stay available in Message.raw.
+        return raw.decode("utf-8", "backslashreplace")
+
+
+class Message(Mapping[str, str]):
+    """One AMI message: a read-only, case-insensitive mapping of its headers.
+
+    ``m["uniqueid"]`` gives the first value of that header; ``m.getall(name)``
+    gives every value of a repeated header (``Variable``, ``Output``...) in
+    order. Values are exactly as sent. ``raw`` is the exact bytes received.
+    """
+
+    __slots__ = (
+        "_extra",
+        "_follows",
+        "_headers",
+        "_index",
+        "_name",
+        "_output",
+        "_parts",
+        "_repeated",
+        "raw",
+    )
+
+    # Set by _parse, and only read after it.
+    _parts: list[_Part]
+    _extra: tuple[str, ...]
+    _output: tuple[str, ...]
+    _repeated: bool
+
+    def __init__(self, raw: bytes, *, follows: bool = False) -> None:
+        self.raw = raw
+        self._follows = follows
+        # The index is built on first access (most events only ever need their name,
+        # and a worker that loses a race only needs the document); the (name, value)
+        # tuple on first access to ``headers``.
+        self._index: dict[str, str] | None = None
+        self._headers: tuple[tuple[str, str], ...] | None = None
+        self._name: str | None = None
+
+    # -- parsing, on first access -------------------------------------------------
+
+    def _parse(self) -> dict[str, str]:
+        text = decode(self.raw)
+        lines = text.split("\r\n")
+        if text.count("\n") != len(lines) - 1:
+            # Some line ends are a bare LF: normalise, then split again.
+            lines = text.replace("\r\n", "\n").split("\n")
+        while lines and not lines[-1]:
+            lines.pop()
+        self._output = ()
+        if self._follows:
+            lines = self._split_follows(lines)
+        parts = [line.partition(": ") for line in lines]
+        self._extra = ()
+        if not _COLON_SPACE.issuperset(map(_SEPARATOR, parts)):
+            parts = self._odd_lines(parts)
+        index = _index_of(parts)
+        self._repeated = len(index) != len(parts)
+        if self._repeated:
+            index = _index_of(parts[::-1])  # so that the first value of a repeat wins
+        self._parts = parts
+        self._index = index
+        return index
+
+    def _odd_lines(self, parts: list[_Part]) -> list[_Part]:
+        """The headers among lines that are not all ``Name: value``; keep the rest."""
+        headers: list[_Part] = []
+        extra: list[str] = []
+        for part in parts:
+            name, sep, _ = part
+            if sep:
+                headers.append(part)
+            elif name.endswith(":"):  # "Name:" with an empty value and no space
+                headers.append((name[:-1], ": ", ""))
+            elif name:
+                extra.append(name)
+        self._extra = tuple(extra)
+        return headers
+
+    def _split_follows(self, lines: list[str]) -> list[str]:
+        """Split a ``Response: Follows`` reply; return its header lines.
+
+        The body is raw CLI text: it may hold empty lines and ``: ``, so it
+        becomes ``output`` and is never read as headers.
+        """
+        count = 0
+        for line in lines:
+            name, sep, _ = line.partition(": ")
+            if not sep or name.lower() not in _FOLLOWS_HEADERS:
+                break
+            count += 1
+        output: list[str] = []
+        for line in lines[count:]:
+            if line.endswith(_END_COMMAND):
+                rest = line[: -len(_END_COMMAND)]
+                if rest:
+                    output.append(rest)
+                break
+            output.append(line)
+        self._output = tuple(output)
+        return lines[:count]
+
+    # -- the Mapping protocol ---------------------------------------------------------
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Every header as ``(name, value)`` in the order sent, repeated ones included."""
+        headers = self._headers
+        if headers is None:
+            if self._index is None:
+                self._parse()
+            headers = self._headers = tuple([(name, value) for name, _, value in self._parts])
+        return headers
+
+    def header_dict(self) -> dict[str, str | list[str]]:
+        """Every header in a new dict: names lower-cased, values as sent, in the order
+        first sent; a repeated header maps to the list of its values, in order.
+
+        The shape of a stored event's ``headers`` (see DESIGN.md), made from the
+        index that parsing built anyway.
+        """
+        index = self._index
+        if index is None:
+            index = self._parse()
+        if not self._repeated:
+            return dict(index)  # no repeats: the index is in the order sent
+        result: dict[str, str | list[str]] = {}
+        for name, _, value in self._parts:
+            key = _lower(name)
+            previous = result.get(key)
+            if previous is None:
+                result[key] = value
+            elif isinstance(previous, list):
+                previous.append(value)
+            else:
+                result[key] = [previous, value]
+        return result
+
+    def __getitem__(self, name: str) -> str:
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return index[_lower(name)]
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return index.get(_lower(name), default)
+
+    def __contains__(self, name: object) -> bool:
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return isinstance(name, str) and _lower(name) in index
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for name, _ in self.headers:
+            key = name.lower()
+            if key not in seen:
+                seen.add(key)
+                yield name
+
+    def __len__(self) -> int:
+        index = self._index
+        if index is None:
+            index = self._parse()
+        return len(index)
+
+    def getall(self, name: str) -> list[str]:
+        """Every value of header ``name`` (any case), in the order sent."""
+        key = name.lower()
+        return [value for header, value in self.headers if header.lower() == key]
+
+    # -- what a message is ------------------------------------------------------------
+
+    @property
+    def kind(self) -> MessageKind:
+        raw = self.raw
+        if raw.startswith(b"Event: "):
+            return "event"
+        if raw.startswith(b"Response: "):
+            return "response"
+        # Unusual first header: fall back to a full parse.
+        if "event" in self:
+            return "event"
+        if "response" in self:
+            return "response"
+        return "unknown"
+
+    @property
+    def name(self) -> str:
+        """The Event name of an event, the Response value of a response, else ``""``."""
+        name = self._name
+        if name is None:
+            # Read on every hop of an event (race, document, handlers): worth keeping.
+            name = self._name = self._read_name()
+        return name
+
+    def _read_name(self) -> str:
+        raw = self.raw
+        if raw.startswith(b"Event: ") or raw.startswith(b"Response: "):
+            # Fast path: the first line, without parsing the rest.
+            start = raw.index(b": ") + 2
+            end = raw.find(b"\n", start)
+            line = raw[start:end] if end >= 0 else raw[start:]
+            return decode(line.rstrip(b"\r"))
+        return self.get("Event") or self.get("Response") or ""
+
+    @property
+    def action_id(self) -> str | None:
+        return self.get("ActionID")
+
+    @property
+    def output(self) -> list[str]:
+        """Command output lines, from ``Output:`` headers or a ``Follows`` body."""
+        if self._index is None:
+            self._parse()
+        if self._follows:
+            return list(self._output)
+        return self.getall("Output")
+
+    @property
+    def extra_lines(self) -> tuple[str, ...]:
+        """Lines that had no ``Name: value`` shape; kept, never dropped."""
+        if self._index is None:
+            self._parse()
+        return self._extra
+
+    @property
+    def text(self) -> str:
+        return decode(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Message):
+            return self.raw == other.raw
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"<Message {self.kind} {self.name!r} {len(self.raw)} bytes>"

@@ -1,0 +1,208 @@
+"""Running handlers: in order within a call, concurrently across calls.
+
+A call's events (same Linkedid) are queued together and run one after another
+in the order received, so a handler never sees a Hangup before the Newchannel
+it follows. Different calls run concurrently, at most ``concurrency`` at once.
+
+A pool of runner tasks (up to ``concurrency``, started as work needs them and
+then kept) takes calls with work queued, one call at a time each: no task is
+created per event or per call, which at tens of thousands of events per second
+would cost more than running a quick handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from amiworker.ami.message import Message
+from amiworker.cancelling import cancel_until_done
+from amiworker.fleet.dispatch import (
+    HandlerRegistry,
+    describe_exception,
+    handler_name,
+    run_handlers,
+)
+
+__all__ = ["HandlerScheduler", "Job", "order_key"]
+
+log = logging.getLogger("amiworker.fleet.scheduler")
+# Seconds a stop keeps cancelling handler runs that catch their cancellation.
+_GIVE_UP_AFTER = 5.0
+
+
+@dataclass(slots=True)
+class Job:
+    """One event to run through its handlers."""
+
+    server: str
+    message: Message
+    key: str | None  # the stored document's _id; None for an event handled locally
+    received_mono: float
+
+
+def order_key(server: str, message: Message) -> str:
+    """Events with the same key run in order: the call, else the channel.
+
+    The call is the ``Linkedid``, or for an event without one the first header
+    ending in ``linkedid`` (``DestLinkedid`` of a DialBegin with no caller,
+    ``LocalOneLinkedid``...), so that such events run in order with the rest of
+    their call; then the channel, likewise by ``Uniqueid``.
+    """
+    value = message.get("Linkedid") or _first_ending(message, "linkedid")
+    if not value:
+        value = message.get("Uniqueid") or _first_ending(message, "uniqueid")
+    return f"{server}\0{value}" if value else server
+
+
+def _first_ending(message: Message, suffix: str) -> str | None:
+    for name, value in message.headers:
+        if value and name.lower().endswith(suffix):
+            return value
+    return None
+
+
+class HandlerScheduler:
+    def __init__(
+        self,
+        registry: HandlerRegistry,
+        context_for: Callable[[Job], Any],
+        *,
+        concurrency: int,
+        timeout: float,
+        on_finished: Callable[[Job, BaseException | None], None],
+        executor: Executor | None = None,
+    ) -> None:
+        self._registry = registry
+        self._executor = executor
+        self._context_for = context_for
+        self._timeout = timeout
+        self._on_finished = on_finished
+        self._concurrency = concurrency
+        # Calls with work queued or running -> their events, oldest first.
+        self._queues: dict[str, deque[Job]] = {}
+        # Calls with work queued that no runner has taken yet, in arrival order.
+        self._ready: deque[str] = deque()
+        self._runners: set[asyncio.Task[None]] = set()
+        # Runners with nothing to do wait on these; submit() wakes one.
+        self._parked: deque[asyncio.Future[None]] = deque()
+        self._wanted: dict[str, bool] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._queued = 0
+        #: Called with the seconds from receipt to handler start (latency metrics).
+        self.on_started: Callable[[float], None] | None = None
+
+    def wants(self, event_name: str) -> bool:
+        """Whether any handler runs for ``event_name`` (asked of every event: memoised)."""
+        wanted = self._wanted.get(event_name)
+        if wanted is None:
+            if len(self._wanted) > 10_000:  # names a PBX made up: forget, stay bounded
+                self._wanted.clear()
+            wanted = self._wanted[event_name] = bool(self._registry.handlers_for(event_name))
+        return wanted
+
+    @property
+    def depth(self) -> int:
+        """Events queued or running."""
+        return self._queued
+
+    def submit(self, job: Job) -> None:
+        key = order_key(job.server, job.message)
+        self._queued += 1
+        self._idle.clear()
+        queue = self._queues.get(key)
+        if queue is not None:
+            queue.append(job)  # its runner (or the next one free) gets to it in order
+            return
+        self._queues[key] = deque((job,))
+        self._ready.append(key)
+        while self._parked:
+            parked = self._parked.popleft()
+            if not parked.done():
+                parked.set_result(None)
+                return
+        if len(self._runners) < self._concurrency:
+            task = asyncio.create_task(self._runner(), name="handlers")
+            self._runners.add(task)
+            task.add_done_callback(self._runners.discard)
+        # else every runner is busy: the first one free takes this call.
+
+    async def _runner(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready, queues = self._ready, self._queues
+        while True:
+            if not ready:
+                parked = loop.create_future()
+                self._parked.append(parked)
+                await parked
+                continue
+            key = ready.popleft()
+            queue = queues[key]
+            while queue:
+                job = queue[0]
+                try:
+                    await self._run(job)
+                except Exception:  # a bug here must not leave a call's events stranded
+                    log.exception("internal error running the handlers of %s", job.key)
+                finally:
+                    queue.popleft()
+                    self._queued -= 1
+            # No await between the empty check and this: nothing can slip in between.
+            del queues[key]
+            if not queues:
+                self._idle.set()
+
+    async def _run(self, job: Job) -> None:
+        if self.on_started is not None:
+            self.on_started(time.monotonic() - job.received_mono)
+        try:
+            context = self._context_for(job)
+        except Exception as exc:  # no context, no run: a failed run, retried later
+            log.error(
+                "no handler context for %s event %s: %s",
+                job.message.name,
+                job.key or "(local)",
+                describe_exception(exc),
+                extra={"server": job.server},
+            )
+            self._on_finished(job, exc)
+            return
+        failures = await run_handlers(
+            self._registry, context, job.message, self._timeout, executor=self._executor
+        )
+        for handler, failure in failures:
+            log.error(
+                "handler %s failed on %s event %s: %s",
+                handler_name(handler),
+                job.message.name,
+                job.key or "(local)",
+                describe_exception(failure),
+                extra={"server": job.server},
+            )
+        error = failures[0][1] if failures else None
+        self._on_finished(job, error)
+
+    async def join(self, timeout: float | None = None) -> bool:
+        """Wait until every queued event has run; False if ``timeout`` passed first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel(self) -> None:
+        """Stop every runner (abandoning what is running and queued)."""
+        stuck = await cancel_until_done(list(self._runners), give_up_after=_GIVE_UP_AFTER)
+        if stuck:
+            log.error(
+                "%d handler run(s) ignore cancellation; abandoning them as they are",
+                len(stuck),
+            )

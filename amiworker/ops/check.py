@@ -1,0 +1,160 @@
+"""`amiworker check`: is everything in place before the fleet starts?
+
+Checks, in order, and prints one line each: the settings (shown with secrets
+masked), the handler modules, MongoDB, and every PBX (AMI and Asterisk
+versions, and whether its events carry a Timestamp: without
+``timestampevents=yes`` two different events can be byte-identical, which the
+dedup key can only tell apart within a time window). Exits non-zero if
+anything is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from amiworker.ami.connection import Connection
+from amiworker.ami.errors import AMIError
+from amiworker.ami.message import Message
+from amiworker.ami.pool import tls_context
+from amiworker.fleet.dispatch import HandlerImportError, load_handlers
+from amiworker.mongo import close_client, open_client, unavailable
+from amiworker.settings import ServerSettings, Settings, redact_uri
+
+__all__ = ["run_check"]
+
+_VERSION = re.compile(r"Asterisk (\S+)")
+# How long to wait for a first event (the SuccessfulAuth of our own login) to
+# see whether events carry a Timestamp.
+_EVENT_WAIT = 3.0
+
+
+def _say(ok: bool | None, text: str) -> None:
+    mark = {True: "ok  ", False: "FAIL", None: "warn"}[ok]
+    print(f"{mark}  {text}")
+
+
+async def run_check(settings: Settings) -> int:
+    problems = 0
+    print("settings (secrets masked):")
+    print(json.dumps(settings.redacted(), indent=2, default=str))
+    if not settings.servers:
+        _say(False, "no PBX configured: set AMIWORKER_SERVERS or [[servers]] in the config file")
+        problems += 1
+
+    try:
+        registry = load_handlers(settings.handlers, settings.app_dir)
+        names = ", ".join(registry.event_names()) or "none"
+        _say(True, f"handlers {', '.join(settings.handlers)}: events handled: {names}")
+    except HandlerImportError as exc:
+        _say(False, str(exc))
+        problems += 1
+
+    problems += await _check_mongo(settings)
+    results = await asyncio.gather(*(_check_pbx(settings, s) for s in settings.servers))
+    problems += sum(results)
+    if problems:
+        print(f"{problems} problem(s) found", file=sys.stderr)
+        return 1
+    print("all checks passed")
+    return 0
+
+
+async def _check_mongo(settings: Settings) -> int:
+    where = redact_uri(settings.mongo_uri)
+    client = open_client(
+        settings.mongo_uri,
+        settings.driver,
+        serverSelectionTimeoutMS=int(settings.connect_timeout * 1000),
+    )
+    try:
+        info: dict[str, Any] = await client.admin.command("buildInfo")
+        hello: dict[str, Any] = await client.admin.command("hello")
+    except PyMongoError as exc:
+        _say(False, str(unavailable(where, "answer buildInfo", exc)))
+        return 1
+    except Exception as exc:  # a driver bug or a stand-in's quirk: still one line
+        _say(False, f"MongoDB at {where} failed: {type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        await close_client(client)
+    topology = "replica set " + hello["setName"] if "setName" in hello else "standalone"
+    _say(True, f"MongoDB {info.get('version', '?')} at {where} ({topology})")
+    if "setName" not in hello and "msg" not in hello:
+        _say(
+            None,
+            "MongoDB is not a replica set: claims use write concern majority, which "
+            "only protects exactly-once across a failover on a replica set",
+        )
+    return 0
+
+
+async def _check_pbx(settings: Settings, server: ServerSettings) -> int:
+    first_event: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+    def on_event(message: Message, own_action: bool) -> None:
+        if not first_event.done() and message.name != "FullyBooted":
+            first_event.set_result(message)
+
+    try:
+        tls = tls_context(server)
+    except ValueError as exc:  # an unreadable tls_ca_file: one line, as for the rest
+        _say(False, str(exc))
+        return 1
+    try:
+        conn = await Connection.open(
+            server.host,
+            server.port,
+            server.username,
+            server.secret.get_secret_value(),
+            auth=server.auth,
+            events=server.events,
+            timeout=settings.connect_timeout,
+            action_timeout=settings.action_timeout,
+            ping_interval=None,
+            ssl=tls,
+            name=server.name,
+            on_event=on_event,
+        )
+    except AMIError as exc:
+        _say(False, f"PBX {server.name}: {exc}")
+        return 1
+    try:
+        try:
+            lines = await conn.command("core show version")
+            match = _VERSION.search(" ".join(lines))
+            asterisk = match.group(1) if match else "unknown"
+        except AMIError as exc:
+            asterisk = f"unknown ({exc}; the AMI user needs the 'command' write permission)"
+        _say(True, f"PBX {server.name}: AMI {conn.ami_version}, Asterisk {asterisk}")
+        if server.events == "off":
+            _say(None, f"PBX {server.name}: events are off for this user: nothing to store")
+            return 0
+        try:
+            event = await asyncio.wait_for(first_event, _EVENT_WAIT)
+        except TimeoutError:
+            _say(
+                None,
+                f"PBX {server.name}: no event within {_EVENT_WAIT:g} s; cannot tell "
+                "whether events carry a Timestamp",
+            )
+            return 0
+        if "Timestamp" in event:
+            _say(True, f"PBX {server.name}: events carry a Timestamp")
+        else:
+            _say(
+                None,
+                f"PBX {server.name}: events carry no Timestamp: set "
+                "timestampevents=yes in manager.conf [general] (see deploy/manager.conf)",
+            )
+        return 0
+    finally:
+        try:
+            await conn.logoff()
+        except AMIError:
+            conn.close()
