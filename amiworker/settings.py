@@ -272,7 +272,7 @@ class Settings(BaseSettings):
         default=10.0,
         ge=0,
         description="Seconds within which byte-identical events of one PBX are told apart "
-        "by their occurrence number (see the dedup key in DESIGN.md).",
+        "by their occurrence number (see the dedup key in ARCHITECTURE.md).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Log level."

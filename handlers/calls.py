@@ -37,8 +37,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from amiworker.ami.message import Message
-from amiworker.fleet.dispatch import HandlerContext
+from amiworker import HandlerContext, Message
 
 COLLECTION = "calls"
 CHANNEL_UP = "6"  # ChannelState of Newstate; the number, unlike "Up", is not localised

@@ -173,7 +173,7 @@ class Message(Mapping[str, str]):
         """Every header in a new dict: names lower-cased, values as sent, in the order
         first sent; a repeated header maps to the list of its values, in order.
 
-        The shape of a stored event's ``headers`` (see DESIGN.md), made from the
+        The shape of a stored event's ``headers`` (see the README, "The document"), made from the
         index that parsing built anyway.
         """
         index = self._index

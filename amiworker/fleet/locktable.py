@@ -2,7 +2,7 @@
 
 Every worker inserts every channel event it sees; the document ``_id`` is the
 dedup key, so MongoDB's mandatory unique ``_id`` index decides which worker
-won each event (see DESIGN.md, "The dedup key" and "Exactly once"). A won
+won each event (see ARCHITECTURE.md and fleet.dedup). A won
 document is ``claimed`` by its worker until the handler finishes (``done``) or
 fails (``failed``, retried later, ``dead`` after ``max_attempts``). Workers
 heartbeat into a ``workers`` collection; documents claimed by a worker whose

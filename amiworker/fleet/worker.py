@@ -120,7 +120,7 @@ class Worker:
 
     def _on_event(self, server: str, message: Message, own_action: bool) -> None:
         if own_action:
-            return  # answers this session's own action: never raced (see DESIGN)
+            return  # answers this session's own action: never raced (see ami.routing)
         self.stats.events_seen += 1
         now = time.monotonic()
         if races(message, self.settings.race):
