@@ -214,6 +214,13 @@ class Settings(BaseSettings):
     handler_concurrency: int = Field(
         default=64, ge=1, description="Handlers running at once per worker."
     )
+    handler_backlog: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Events a worker holds for its handlers (queued or running). What it "
+        "wins beyond that is stored 'queued', for any worker with room to take.",
+    )
     handler_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a handler may run before it counts as failed."
     )
@@ -240,6 +247,25 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds without a heartbeat after which a worker counts as dead and "
         "its claimed events are taken over. Must exceed 2 * heartbeat_interval.",
+    )
+    ack_delay: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="Seconds within which a finished handler's event is marked done (acks "
+        "are batched within this window; a killed worker re-runs what finished in it).",
+    )
+    store_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="Deadline of every MongoDB call (client timeoutMS, and wtimeout of the "
+        "majority write concern): a store that does not answer within it is an outage.",
+    )
+    allow_no_timestamps: bool = Field(
+        default=False,
+        description="Let `amiworker check` pass for a PBX whose events carry no Timestamp "
+        "(timestampevents=no), where a repeated identical event may be missed.",
     )
     buffer_size: int = Field(
         default=100_000,

@@ -16,6 +16,10 @@ class WorkerStats:
     handled: int = 0  # handler runs that finished
     failed: int = 0  # handler runs that raised or timed out
     reclaimed: int = 0  # events taken over from a dead worker, or retried
+    queued: int = 0  # events won with no room to run them: stored queued, for any worker
+    dequeued: int = 0  # queued events this worker took to run
+    released: int = 0  # events given back (queued) unstarted, on a stop
+    rejected: int = 0  # events MongoDB refused (a validator, a unique index): not stored
     dropped: int = 0  # events lost because the buffer was full while MongoDB was away
     claim_batches: int = 0
     store_errors: int = 0

@@ -62,7 +62,7 @@ async def claim_all(
     wall, cpu = time.perf_counter(), time.process_time()
     won = 0
     for start in range(0, len(docs), size):
-        won += len(await store.claim(docs[start : start + size]))
+        won += len((await store.claim(docs[start : start + size])).won)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     await close_client(client)
     return wall, cpu, won

@@ -106,8 +106,10 @@ async def fill(database: Any) -> FilledLog:
     store = LockTable(database, "events", FILL_WORKER)
     await store.ensure_indexes()
     for start in range(0, len(pbx1), 200):
-        assert len(await store.claim(pbx1[start : start + 200])) == len(pbx1[start : start + 200])
-    assert len(await store.claim(pbx2)) == len(pbx2)
+        assert len((await store.claim(pbx1[start : start + 200])).won) == len(
+            pbx1[start : start + 200]
+        )
+    assert len((await store.claim(pbx2)).won) == len(pbx2)
     log = FilledLog(database, database.name, messages, pbx1 + pbx2)
     hangups = [doc["_id"] for doc in pbx1 if doc["event"] == "Hangup"]
     log.dead, log.failed = hangups[:2], hangups[2:3]

@@ -333,7 +333,7 @@ async def backlog_of(database: Any, messages: list[Message], count: int) -> Lock
     store = LockTable(database, "events", "other-worker")
     await store.ensure_indexes()
     received = datetime.now(UTC) - timedelta(minutes=1)
-    assert len(await store.claim(new_docs(messages, "pbx-old", count, received))) == count
+    assert len((await store.claim(new_docs(messages, "pbx-old", count, received))).won) == count
     return store
 
 
@@ -365,7 +365,7 @@ async def test_follow_shows_the_backlog_then_each_new_event_once(
         batches = [new_docs(capture_events, f"pbx-new{i}", 10, now) for i in range(3)]
         straggler = new_docs(capture_events, "pbx-late", 3, now - timedelta(seconds=2))
         for batch in [*batches, straggler]:
-            assert len(await store.claim(batch)) == len(batch)
+            assert len((await store.claim(batch)).won) == len(batch)
             await asyncio.sleep(0.05)  # let some polls pass between the writes
         expected = {doc["_id"] for batch in [*batches, straggler] for doc in batch}
         await wait_for(

@@ -7,20 +7,21 @@ send n times per heartbeat: a worker searches when a failure it recorded comes
 due, and otherwise once per lease (for failures recorded by a worker that has
 died since, and events re-queued with ``amiworker retry``).
 
-The store here is a stand-in that records each ``reclaim`` call: what is under
-test is the worker's schedule, not MongoDB.
+The store here is a stand-in that records each take-over round (``take_runnable``
+with or without retries): what is under test is the worker's schedule, not MongoDB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from amiworker.ami.message import Message
 from amiworker.fleet.dispatch import HandlerRegistry
 from amiworker.fleet.documents import FAILED
-from amiworker.fleet.locktable import Failure
+from amiworker.fleet.locktable import Failure, Runnable
 from amiworker.fleet.scheduler import Job
 from amiworker.fleet.worker import Worker
 from amiworker.settings import Settings
@@ -33,13 +34,22 @@ DUE_IN = 0.3
 
 class RecordingStore:
     database = None
+    worker_id = "w"
 
     def __init__(self) -> None:
+        self.rounds = 0  # heartbeats, each followed by a take-over round
         self.reclaims: list[tuple[float, bool]] = []  # (monotonic time, retries searched)
 
-    async def reclaim(self, lease: float, *, retries: bool = True, **_: Any) -> list[Any]:
+    async def heartbeat(self, info: Any = None) -> None:
+        return None
+
+    async def fleet(self) -> tuple[datetime, list[Any]]:
+        self.rounds += 1
+        return datetime.now(UTC), []
+
+    async def take_runnable(self, limit: int, *, retries: bool = True) -> Runnable:
         self.reclaims.append((time.monotonic(), retries))
-        return []
+        return Runnable([], 0)
 
     async def fail(self, key: str, error: str, *limits: float) -> Failure:
         return Failure(FAILED, DUE_IN)
@@ -55,12 +65,16 @@ async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> Non
     )
     store = RecordingStore()
     worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
-    tasks = [asyncio.create_task(worker._reclaims()), asyncio.create_task(worker.outcomes.run())]
+    tasks = [
+        asyncio.create_task(worker.heartbeat.run()),
+        asyncio.create_task(worker.takeover.run()),
+        asyncio.create_task(worker.outcomes.run()),
+    ]
     try:
-        # Heartbeats go by: the dead-worker check runs each time, no retry search
-        # (the first periodic one comes in the second half of the first lease).
-        await wait_for(lambda: len(store.reclaims) >= 5, timeout=5, what="5 reclaim rounds")
-        assert store.searches() == []
+        # Heartbeats go by: the dead-worker check runs each time, no search of the
+        # events (the first periodic one comes in the second half of the first lease).
+        await wait_for(lambda: store.rounds >= 5, timeout=5, what="5 take-over rounds")
+        assert store.searches() == [] and store.reclaims == []
 
         event = Message(b"Event: Hangup\r\nUniqueid: 1\r\n\r\n")
         failed_at = time.monotonic()
@@ -74,8 +88,8 @@ async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> Non
         assert failed_at + DUE_IN <= found_at <= failed_at + DUE_IN + 1.0
 
         # Once searched, it is forgotten: the next rounds search no more.
-        rounds = len(store.reclaims)
-        await wait_for(lambda: len(store.reclaims) >= rounds + 5, timeout=5, what="5 more")
+        rounds = store.rounds
+        await wait_for(lambda: store.rounds >= rounds + 5, timeout=5, what="5 more")
         assert len(store.searches()) == 1
     finally:
         worker.outcomes.stop()

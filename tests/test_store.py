@@ -27,11 +27,13 @@ from amiworker.fleet.documents import (
     DONE,
     FAILED,
     INDEXES,
+    QUEUED,
     STATES,
     TTL_KEY,
     event_document,
     message_from_document,
 )
+from amiworker.fleet.heartbeat import FleetView
 from amiworker.fleet.locktable import MAX_ERROR_LENGTH, LockTable, StoreUnavailable
 from amiworker.mongo import close_client, open_client
 from amiworker.ops.filters import EventFilter
@@ -57,6 +59,27 @@ async def count_by_state(table: LockTable) -> dict[str, int]:
 
 async def list_workers(table: LockTable) -> list[dict[str, Any]]:
     return [doc async for doc in table.workers.find({}).sort("_id", 1)]
+
+
+async def reclaim(
+    table: LockTable,
+    lease: float = 10.0,
+    *,
+    max_attempts: int = 5,
+    limit: int = 1000,
+    retries: bool = True,
+) -> list[dict[str, Any]]:
+    """One take-over round, as fleet.takeover makes it: a dead worker's events, then
+    queued events and (with ``retries``) due retries."""
+    now, rows = await table.fleet()
+    view = FleetView(now, rows)
+    dead = [row["_id"] for row in view.expired(lease) if row["_id"] != table.worker_id]
+    taken = await table.take_from_dead(dead, limit, max_attempts)
+    if dead and len(taken) < limit:
+        for worker in dead:
+            await table.forget_worker(worker, view.cutoff(lease))
+    taken += (await table.take_runnable(limit - len(taken), retries=retries)).docs
+    return taken
 
 
 def message(*headers: tuple[str, str]) -> Message:
@@ -263,7 +286,7 @@ async def test_claim_stores_the_document_as_built(store: LockTable) -> None:
         ("AccountCode", ""),
     )
     doc = event_document("k1", "pbx1", msg, "worker-a", RECEIVED)
-    assert await store.claim([doc]) == [doc]
+    assert (await store.claim([doc])).won == [doc]
     stored = await get_event(store, "k1")
     assert stored is not None
     # BSON dates hold milliseconds; the exact Timestamp stays in the headers.
@@ -276,12 +299,12 @@ async def test_second_claim_of_same_events_wins_nothing(
     store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     other = open_store("worker-b")
-    assert len(await store.claim(docs_for(10, "worker-a"))) == 10
-    assert await other.claim(docs_for(10, "worker-b")) == []
+    assert len((await store.claim(docs_for(10, "worker-a"))).won) == 10
+    assert (await other.claim(docs_for(10, "worker-b"))).won == []
     # and a batch mixing new and taken events wins exactly the new ones, in order
     mixed = docs_for(15, "worker-b")
     random.Random(1).shuffle(mixed)
-    won = await other.claim(mixed)
+    won = (await other.claim(mixed)).won
     assert [d["_id"] for d in won] == [d["_id"] for d in mixed if d["_id"] >= "k0010"]
 
 
@@ -296,7 +319,7 @@ async def test_concurrent_claims_each_event_won_exactly_once(
         random.Random(seed).shuffle(docs)
         won: list[str] = []
         for start in range(0, count, 50):
-            won += [d["_id"] for d in await s.claim(docs[start : start + 50])]
+            won += [d["_id"] for d in (await s.claim(docs[start : start + 50])).won]
         return won
 
     results = await asyncio.gather(*(race(s, seed) for seed, s in enumerate(stores)))
@@ -328,17 +351,17 @@ async def test_retried_claim_keeps_what_the_lost_attempt_won(
     store: LockTable, open_store: Callable[[str], LockTable]
 ) -> None:
     other = open_store("worker-b")
-    assert len(await other.claim(docs_for(5, "worker-b"))) == 5  # k0000..k0004 are b's
+    assert len((await other.claim(docs_for(5, "worker-b"))).won) == 5  # k0000..k0004 are b's
     docs = docs_for(10, "worker-a")
     real = store._claims
     store._claims = FlakyInsert(real)
     with pytest.raises(StoreUnavailable, match="unreachable"):
         await store.claim(docs)
     # The first attempt did store k0005..k0009 as ours; the retry must say so.
-    won = await store.claim(docs)
+    won = (await store.claim(docs)).won
     assert [d["_id"] for d in won] == [f"k{i:04d}" for i in range(5, 10)]
     # Settled now: a claim of the same events again is an ordinary loss.
-    assert await store.claim(docs) == []
+    assert (await store.claim(docs)).won == []
 
 
 class FakeCollection:
@@ -366,19 +389,19 @@ class FakeDatabase:
     ("details", "expected"),
     [
         (
-            {"writeErrors": [{"index": 0, "code": 121, "errmsg": "Document failed validation"}]},
-            "write error 121: Document failed validation",
-        ),
-        (
             {
                 "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000 duplicate"}],
                 "writeConcernErrors": [{"code": 64, "errmsg": "waiting for replication timed out"}],
             },
             "write concern error 64: waiting for replication timed out",
         ),
+        (  # the store's state, not the document's: retried like an outage
+            {"writeErrors": [{"index": 1, "code": 10107, "errmsg": "not primary"}]},
+            "write error 10107: not primary",
+        ),
     ],
 )
-async def test_claim_other_write_errors_are_unavailable(
+async def test_claim_store_write_errors_are_unavailable(
     details: dict[str, Any], expected: str
 ) -> None:
     uri = "mongodb://app:hunter2@db1,db2/?replicaSet=rs"
@@ -391,11 +414,31 @@ async def test_claim_other_write_errors_are_unavailable(
     assert "hunter2" not in text and "\n" not in text
 
 
+async def test_a_refused_document_is_rejected_and_the_others_claimed() -> None:
+    # Judged by code and keyPattern, never by message: a validator's 121, and a
+    # duplicate on an operator's unique index, refuse that document only.
+    details = {
+        "writeErrors": [
+            {"index": 1, "code": 121, "errmsg": "Document failed validation"},
+            {"index": 2, "code": 11000, "errmsg": "E11000", "keyPattern": {"headers.x": 1}},
+            {"index": 3, "code": 11000, "errmsg": "E11000", "keyPattern": {"_id": 1}},
+        ]
+    }
+    store = LockTable(FakeDatabase(BulkWriteError(details)), "events", "w")
+    docs = docs_for(5, "w")
+    claimed = await store.claim(docs)
+    assert claimed.won == [docs[0], docs[4]]  # docs[3] lost its race
+    assert [doc for doc, _ in claimed.rejected] == [docs[1], docs[2]]
+    reasons = [reason for _, reason in claimed.rejected]
+    assert reasons[0] == "write error 121: Document failed validation"
+    assert "unique index {'headers.x': 1}" in reasons[1]
+
+
 async def test_claim_duplicates_only_is_not_an_error() -> None:
     details = {"writeErrors": [{"index": 1, "code": 11000, "errmsg": "UNIQUE constraint"}]}
     store = LockTable(FakeDatabase(BulkWriteError(details)), "events", "w")
     docs = docs_for(3, "w")
-    assert await store.claim(docs) == [docs[0], docs[2]]
+    assert (await store.claim(docs)).won == [docs[0], docs[2]]
 
 
 async def test_unreachable_server_gives_one_line_without_password(mongo_driver: str) -> None:
@@ -420,7 +463,7 @@ async def test_store_recovers_when_the_server_comes_back(tmp_path: Path, mongo_d
         client = open_client(server.uri, mongo_driver, serverSelectionTimeoutMS=300)  # type: ignore[arg-type]
         try:
             store = LockTable(client["outage"], "events", "w", uri=server.uri)
-            assert len(await store.claim(docs_for(3, "w", prefix="before-"))) == 3
+            assert len((await store.claim(docs_for(3, "w", prefix="before-"))).won) == 3
             port = server.port
             await server.akill()
             with pytest.raises(StoreUnavailable, match="is unreachable"):
@@ -428,9 +471,15 @@ async def test_store_recovers_when_the_server_comes_back(tmp_path: Path, mongo_d
             await server.astart()
             assert server.port == port
             # Nothing of the failed claim was stored: the retry wins it all.
-            assert len(await store.claim(docs_for(5, "w", prefix="during-"))) == 5
+            assert len((await store.claim(docs_for(5, "w", prefix="during-"))).won) == 5
             # What was stored before the crash is still there.
-            assert await count_by_state(store) == {CLAIMED: 8, DONE: 0, FAILED: 0, DEAD: 0}
+            assert await count_by_state(store) == {
+                QUEUED: 0,
+                CLAIMED: 8,
+                DONE: 0,
+                FAILED: 0,
+                DEAD: 0,
+            }
         finally:
             await close_client(client)
 
@@ -457,7 +506,7 @@ async def test_ack(store: LockTable, open_store: Callable[[str], LockTable]) -> 
     assert doc is not None and doc["state"] == DONE
     assert isinstance(doc["done_at"], datetime)
     assert await store.ack_many(["k0001", "k0002", "missing"]) == 2
-    assert await count_by_state(store) == {CLAIMED: 0, DONE: 3, FAILED: 0, DEAD: 0}
+    assert await count_by_state(store) == {QUEUED: 0, CLAIMED: 0, DONE: 3, FAILED: 0, DEAD: 0}
 
 
 async def test_fail_retry_then_dead(store: LockTable) -> None:
@@ -472,13 +521,13 @@ async def test_fail_retry_then_dead(store: LockTable) -> None:
     assert 9.9 <= delay <= 11.1  # backoff * 2**0 plus at most 10% jitter
     # The worker knows when to look again.
     assert failure.retry_in is not None and 10 <= failure.retry_in <= 11
-    assert await store.reclaim(lease=10) == []  # not due yet
+    assert await reclaim(store, lease=10) == []  # not due yet
     assert await store.fail("k0000", "again", 3, 10) is None  # not claimed any more
 
     # Due at once from now on: each reclaim hands it back, each failure counts.
     for attempts, state in ((2, FAILED), (3, DEAD)):
         await store.events.update_one({"_id": "k0000"}, {"$currentDate": {"retry_at": True}})
-        taken = await store.reclaim(lease=10)
+        taken = await reclaim(store, lease=10)
         assert [d["_id"] for d in taken] == ["k0000"]
         assert taken[0]["state"] == CLAIMED and taken[0]["claimed_by"] == "worker-a"
         failure = await store.fail("k0000", f"failure {attempts}", 3, 0.0)
@@ -487,15 +536,15 @@ async def test_fail_retry_then_dead(store: LockTable) -> None:
     assert doc is not None
     assert (doc["state"], doc["attempts"], doc["error"]) == (DEAD, 3, "failure 3")
     assert "retry_at" not in doc and failure.retry_in is None
-    assert await store.reclaim(lease=10) == []
+    assert await reclaim(store, lease=10) == []
 
 
 async def test_reclaim_leaves_due_retries_when_told_to(store: LockTable) -> None:
     await store.claim(docs_for(1, "worker-a"))
     await store.fail("k0000", "boom", max_attempts=3, retry_backoff=0.0)
     # Without retries the reclaim reads only the workers: nothing is taken.
-    assert await store.reclaim(lease=10, retries=False) == []
-    assert [d["_id"] for d in await store.reclaim(lease=10)] == ["k0000"]
+    assert await reclaim(store, lease=10, retries=False) == []
+    assert [d["_id"] for d in await reclaim(store, lease=10)] == ["k0000"]
 
 
 async def test_fail_truncates_long_errors(store: LockTable) -> None:
@@ -514,7 +563,7 @@ async def test_retry_dead(store: LockTable) -> None:
     assert await operator.retry_dead(EventFilter.of(uniqueid="u1")) == 1
     assert await operator.retry_dead() == 1
     assert await operator.retry_dead() == 0
-    taken = await store.reclaim(lease=10)
+    taken = await reclaim(store, lease=10)
     assert sorted(d["_id"] for d in taken) == ["k0000", "k0001"]
     assert all(d["attempts"] == 0 for d in taken)
 
@@ -551,7 +600,7 @@ async def test_reclaim_from_dead_worker_by_two_live_workers(
         await s.heartbeat()
     await store.claim(docs_for(5, "worker-a", prefix="alive-"))  # a live worker's: left alone
 
-    results = await asyncio.gather(*(s.reclaim(lease=10) for s in live))
+    results = await asyncio.gather(*(reclaim(s) for s in live))
 
     taken = [d["_id"] for docs in results for d in docs]
     assert sorted(taken) == sorted(f"dead-1-{i:04d}" for i in range(60))  # each exactly once
@@ -561,13 +610,13 @@ async def test_reclaim_from_dead_worker_by_two_live_workers(
     holders = {d["_id"]: d["claimed_by"] for d in await find_events(store, {})}
     assert all(holders[key] == "worker-a" for key in holders if key.startswith("alive-"))
     assert "dead-1" not in {w["_id"] for w in await list_workers(store)}
-    assert await live[0].reclaim(lease=10) == []
+    assert await reclaim(live[0], lease=10) == []
 
 
 async def test_reclaim_buries_an_event_that_keeps_killing_workers(store: LockTable) -> None:
     await add_dead_worker(store, "dead-1", 2)
     await store.events.update_one({"_id": "dead-1-0000"}, {"$set": {"attempts": 4}})
-    taken = await store.reclaim(lease=10, max_attempts=5)
+    taken = await reclaim(store, max_attempts=5)
     assert [d["_id"] for d in taken] == ["dead-1-0001"]
     doc = await get_event(store, "dead-1-0000")
     assert doc is not None and doc["state"] == DEAD
@@ -579,7 +628,7 @@ async def test_a_live_worker_is_not_reclaimed(
 ) -> None:
     await store.heartbeat()
     await store.claim(docs_for(3, "worker-a"))
-    assert await open_store("worker-b").reclaim(lease=10) == []
+    assert await reclaim(open_store("worker-b")) == []
 
 
 # -- queries -------------------------------------------------------------------------------
@@ -598,7 +647,7 @@ async def test_find_events_and_counts(store: LockTable) -> None:
     newest = await operator.find(EventFilter.of(linkedid="l0"), limit=2)
     assert [d["_id"] for d in newest] == ["k2", "k4"]  # the newest two, oldest first
     assert [d["_id"] for d in await find_events(store, {"linkedid": "l1"})] == ["k1", "k3", "k5"]
-    assert await count_by_state(store) == {CLAIMED: 5, DONE: 1, FAILED: 0, DEAD: 0}
+    assert await count_by_state(store) == {QUEUED: 0, CLAIMED: 5, DONE: 1, FAILED: 0, DEAD: 0}
 
 
 def test_store_needs_a_worker_id() -> None:

@@ -92,7 +92,7 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path, mongo_server: Embed
         assert fleet.process is not None
         fleet.process.send_signal(signal.SIGTERM)
         await wait_for(
-            lambda: "stopping: logging off" in fleet.log_text(), 10, "the graceful stop to begin"
+            lambda: "stopping: no new claims" in fleet.log_text(), 10, "the graceful stop to begin"
         )
         workers = fleet.worker_pids()
         assert len(workers) == 2

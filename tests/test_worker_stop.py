@@ -1,8 +1,9 @@
 """A worker's stop always ends.
 
 On Python 3.11 ``asyncio.wait_for``, which the MongoDB driver waits with,
-drops a cancellation that arrives as the awaited call finishes; the reclaim
-loop, which had lost it, ran on and the stop never returned. The stores here
+drops a cancellation that arrives as the awaited call finishes; a loop
+(then the reclaim loop, here the heartbeat's read of the fleet) that had lost
+it ran on and the stop never returned. The stores here
 are stand-ins that drop the first cancellation they receive, as the driver
 can; the PBX is a port nobody listens on. And with MongoDB away for good, the
 stop gives up on the buffered events after ``shutdown_timeout``, counted and
@@ -12,6 +13,7 @@ logged.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,7 +21,7 @@ import pytest
 from amiworker.ami.message import Message
 from amiworker.devstack.embedded_mongo import free_port
 from amiworker.fleet.dispatch import HandlerRegistry
-from amiworker.fleet.locktable import StoreUnavailable
+from amiworker.fleet.locktable import Claimed, StoreUnavailable
 from amiworker.fleet.worker import Worker
 from amiworker.settings import Settings
 from tests.waiting import wait_for
@@ -27,11 +29,13 @@ from tests.waiting import wait_for
 
 class CancelDroppingStore:
     database = None
+    worker_id = "w"
 
     def __init__(self) -> None:
         self.reclaims = 0
         self.dropped_a_cancel = False
         self.stop_recorded = False
+        self.stopping = False
 
     async def ensure_indexes(self, ttl_days: float | None = None) -> None:
         return None
@@ -39,8 +43,11 @@ class CancelDroppingStore:
     async def heartbeat(self, info: dict[str, Any] | None = None) -> None:
         if info and info.get("state") == "stopped":
             self.stop_recorded = True
+            self.stopping = True
 
-    async def reclaim(self, lease: float, **_: Any) -> list[Any]:
+    async def fleet(self) -> tuple[datetime, list[Any]]:
+        if self.stopping:
+            return datetime.now(UTC), []
         self.reclaims += 1
         try:
             await asyncio.sleep(30)  # a query in flight, as long as it takes
@@ -48,7 +55,7 @@ class CancelDroppingStore:
             if self.dropped_a_cancel:
                 raise
             self.dropped_a_cancel = True  # lost, as in asyncio.wait_for on 3.11
-        return []
+        return datetime.now(UTC), []
 
     async def close(self) -> None:
         return None
@@ -78,7 +85,7 @@ async def test_stop_ends_though_a_loop_lost_its_cancellation() -> None:
 class UnreachableStore(CancelDroppingStore):
     """MongoDB away for good: every claim fails after a while, as server selection does."""
 
-    async def claim(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def claim(self, docs: list[dict[str, Any]]) -> Claimed:
         try:
             await asyncio.sleep(0.05)
         except asyncio.CancelledError:

@@ -130,8 +130,9 @@ class ServerPool:
 
     ``on_event(server_name, message, own_action)`` receives every event of
     every session, on the reader task (it must not block; see
-    :meth:`Connection.on_event`). Sessions have no event queue unless
-    ``event_queue_size`` is given.
+    :meth:`Connection.on_event`). ``on_session(server_name)`` is called as a
+    session is being opened: the events delivered after it are that session's.
+    Sessions have no event queue unless ``event_queue_size`` is given.
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class ServerPool:
         servers: Sequence[ServerConfig],
         *,
         on_event: PoolEventCallback | None = None,
+        on_session: Callable[[str], None] | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
         stable_after: float = 10.0,
@@ -157,6 +159,7 @@ class ServerPool:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
         self._servers = {s.name: _Supervised(s) for s in servers}
         self._on_event = on_event
+        self._on_session = on_session
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.stable_after = stable_after
@@ -283,6 +286,10 @@ class ServerPool:
 
             def callback(message: Message, own_action: bool) -> None:
                 on_event(name, message, own_action)
+
+        if self._on_session is not None:
+            # Before the login: every event delivered from here on is this session's.
+            self._on_session(server.name)
 
         return await Connection.open(
             server.host,

@@ -7,6 +7,12 @@ unordered ``insert_many`` batches; while MongoDB is unreachable the buffer
 holds events, the claim is retried with backoff, and what does not fit is
 dropped, counted and logged loudly.
 
+Each document goes in with the state its winner can honour: ``done`` when no
+handler runs for it, ``claimed`` while the worker's handler backlog has room,
+``queued`` beyond that (and once the worker is stopping), for any worker with
+room to take. A document the store refuses (a validator, a unique index an
+operator added) is logged and counted; the rest of its batch is stored.
+
 One batch is in flight at a time: the winners of a batch are handed on before
 the next batch is claimed, so events of one call keep their order.
 """
@@ -25,6 +31,9 @@ from typing import Any, Protocol
 from amiworker.ami.message import Message
 from amiworker.backoff import full_jitter
 from amiworker.fleet.dedup import DedupKeys
+from amiworker.fleet.documents import CLAIMED, DONE, QUEUED
+from amiworker.fleet.health import StoreHealth
+from amiworker.fleet.locktable import Claimed
 from amiworker.stats import WorkerStats
 
 __all__ = ["ClaimStore", "Claimer", "Pending"]
@@ -52,7 +61,7 @@ class Pending:
 class ClaimStore(Protocol):
     """What the claim loop needs of the store."""
 
-    async def claim(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    async def claim(self, docs: list[dict[str, Any]]) -> Claimed: ...
 
 
 class Claimer:
@@ -66,6 +75,9 @@ class Claimer:
         on_won: Callable[[list[Pending]], None],
         unavailable: type[BaseException],
         stats: WorkerStats,
+        health: StoreHealth,
+        needs_run: Callable[[str], bool] = lambda event_name: True,
+        room: Callable[[], int] = lambda: 1 << 30,
         dedup_window: float,
         batch_size: int,
         batch_delay: float,
@@ -76,6 +88,9 @@ class Claimer:
         self._on_won = on_won
         self._unavailable = unavailable
         self._stats = stats
+        self._health = health
+        self._needs_run = needs_run
+        self._room = room
         self._dedup_window = dedup_window
         self._batch_size = batch_size
         self._batch_delay = batch_delay
@@ -85,7 +100,6 @@ class Claimer:
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight = 0
-        self._store_down_since: float | None = None
         self._last_drop_log = 0.0
         self._drops_since_log = 0
         # Claim latency (seconds) of recent batches, for metrics and benchmarks.
@@ -120,6 +134,10 @@ class Claimer:
     def depth(self) -> int:
         """Events buffered or being claimed."""
         return len(self._buffer) + self._in_flight
+
+    def describe(self) -> str:
+        """What the buffer holds, for the store's outage log lines."""
+        return f"{self.depth} event(s) buffered, up to {self._buffer_size}"
 
     # -- the claim loop ----------------------------------------------------------------
 
@@ -160,16 +178,17 @@ class Claimer:
         self._stopping = True
         self._wake.set()
 
-    async def _claim_one_by_one(
-        self, batch: list[Pending], docs: list[dict[str, Any]], error: Exception
-    ) -> list[dict[str, Any]]:
+    async def _claim_one_by_one(self, docs: list[dict[str, Any]], error: Exception) -> Claimed:
         log.warning("a claim batch was refused (%s); claiming its events one by one", error)
         won: list[dict[str, Any]] = []
-        for item, doc in zip(batch, docs, strict=True):
+        rejected: list[tuple[dict[str, Any], str]] = []
+        for doc in docs:
             attempt = 0
             while True:
                 try:
-                    won += await self._store.claim([doc])
+                    claimed = await self._store.claim([doc])
+                    won += claimed.won
+                    rejected += claimed.rejected
                     break
                 except self._unavailable:
                     # Retried here, one event at a time, rather than the batch again:
@@ -178,64 +197,70 @@ class Claimer:
                     attempt += 1
                     await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
                 except Exception as exc:
-                    self._stats.dropped += 1
-                    log.error(
-                        "%s event %s could not be stored and is dropped: %s: %s",
-                        item.message.name,
-                        item.key,
-                        type(exc).__name__,
-                        exc,
-                        extra={"server": item.server},
-                    )
+                    rejected.append((doc, f"{type(exc).__name__}: {exc}"))
                     break
-        return won
+        return Claimed(won, rejected)
 
     async def _claim(self, batch: list[Pending]) -> None:
         docs = []
         all_keys = self._keys
         build_document = self._build_document
+        needs_run = self._needs_run
+        # Room in the handler backlog: what is won beyond it is stored for others.
+        room = self._room()
         for item in batch:
             keys = all_keys.get(item.server)
             if keys is None:
                 keys = all_keys[item.server] = DedupKeys(item.server, self._dedup_window)
             item.key = keys.key(item.message.raw, item.received_mono)
-            docs.append(build_document(item))
+            doc = build_document(item)
+            if not needs_run(item.message.name):
+                # Nothing to run: stored as done at once, which saves an ack per event.
+                doc["state"] = DONE
+                doc["done_at"] = item.received_at
+            elif room > 0:
+                room -= 1
+            else:
+                doc["state"] = QUEUED
+                doc["claimed_by"] = None
+                doc["retry_at"] = item.received_at
+            docs.append(doc)
         attempt = 0
         while True:
             started = time.monotonic()
             try:
-                won = await self._store.claim(docs)
+                claimed = await self._store.claim(docs)
                 break
             except self._unavailable as exc:
                 self._stats.store_errors += 1
-                attempt += 1
-                if self._store_down_since is None:
-                    self._store_down_since = started
-                    log.error(
-                        "%s; holding events in memory (up to %d) and retrying",
-                        exc,
-                        self._buffer_size,
-                    )
+                self._health.failed(exc)
                 # Full jitter: workers that lost MongoDB together do not return together.
                 await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
+                attempt += 1
             except Exception as exc:
                 # Not the store being away: a document it cannot take (a driver's
                 # encoding error, say). One bad event must not stop the claims.
-                won = await self._claim_one_by_one(batch, docs, exc)
+                claimed = await self._claim_one_by_one(docs, exc)
                 break
-        if self._store_down_since is not None:
-            log.warning(
-                "MongoDB is back after %.1f s; %d event(s) buffered",
-                time.monotonic() - self._store_down_since,
-                len(self._buffer),
-            )
-            self._store_down_since = None
+        self._health.answered()
         self._stats.claim_batches += 1
         if self.on_batch is not None:
             self.on_batch(len(batch), time.monotonic() - started)
-        won_ids = {doc["_id"] for doc in won}
+        for doc, reason in claimed.rejected:
+            self._stats.rejected += 1
+            log.error(
+                "MongoDB refused %s event %s, which is not stored: %s; the other events "
+                "go on (check the collection's validators and unique indexes)",
+                doc.get("event"),
+                doc["_id"],
+                reason,
+                extra={"server": doc.get("server")},
+            )
+        won_ids = {doc["_id"] for doc in claimed.won if doc["state"] == CLAIMED}
+        queued = sum(1 for doc in claimed.won if doc["state"] == QUEUED)
+        self._stats.queued += queued
         winners = [item for item in batch if item.key in won_ids]
-        self._stats.races_won += len(winners)
-        self._stats.races_lost += len(batch) - len(winners)
+        self._stats.races_won += len(claimed.won)
+        self._stats.races_lost += len(batch) - len(claimed.won) - len(claimed.rejected)
         if winners:
             self._on_won(winners)

@@ -23,6 +23,7 @@ __all__ = [
     "DONE",
     "FAILED",
     "INDEXES",
+    "QUEUED",
     "STATES",
     "TTL_KEY",
     "ensure_indexes",
@@ -31,12 +32,15 @@ __all__ = [
 ]
 
 # The life of an event document. claimed -> done; claimed -> failed -> claimed
-# (retry) ...; after max_attempts unsuccessful runs -> dead.
+# (retry) ...; after max_attempts unsuccessful runs -> dead. queued: stored with
+# no owner (its winner had no room, or stopped before running it): any worker
+# with room takes it -> claimed.
 CLAIMED: Final = "claimed"
+QUEUED: Final = "queued"
 DONE: Final = "done"
 FAILED: Final = "failed"
 DEAD: Final = "dead"
-STATES: Final = (CLAIMED, DONE, FAILED, DEAD)
+STATES: Final = (QUEUED, CLAIMED, DONE, FAILED, DEAD)
 
 # (name, keys). Names are given so that a real MongoDB finds them again by name.
 INDEXES: Final[tuple[tuple[str, list[tuple[str, int]]], ...]] = (
@@ -45,7 +49,8 @@ INDEXES: Final[tuple[tuple[str, list[tuple[str, int]]], ...]] = (
     ("server_1_ts_1", [("server", 1), ("ts", 1)]),
     ("event_1_ts_1", [("event", 1), ("ts", 1)]),
     ("state_1_claimed_by_1", [("state", 1), ("claimed_by", 1)]),  # reclaim scan
-    ("state_1_retry_at_1", [("state", 1), ("retry_at", 1)]),  # retry scan
+    # Runnable by any worker, oldest first: queued events and due retries.
+    ("state_1_retry_at_1", [("state", 1), ("retry_at", 1)]),
 )
 TTL_INDEX: Final = "received_at_ttl"
 TTL_KEY: Final = [("received_at", 1)]

@@ -1,17 +1,26 @@
-"""The MongoDB event log and lock table.
+"""MongoDB as a lock table: the ``events`` collection and the ``workers`` collection.
 
 Every worker inserts every channel event it sees; the document ``_id`` is the
 dedup key, so MongoDB's mandatory unique ``_id`` index decides which worker
-won each event (see ARCHITECTURE.md and fleet.dedup). A won
-document is ``claimed`` by its worker until the handler finishes (``done``) or
-fails (``failed``, retried later, ``dead`` after ``max_attempts``). Workers
-heartbeat into a ``workers`` collection; documents claimed by a worker whose
-heartbeat is older than the lease are taken over, one atomic
-``find_one_and_update`` at a time, so no two live workers take the same one.
+won each event (ARCHITECTURE.md, "The data path"). The states of a document::
 
-The code uses only the API that ``pymongo.AsyncMongoClient`` and Motor share,
-so either client's database object works. Timestamps that the server writes
-(``done_at``, ``last_seen``) use ``$currentDate``: one clock for the fleet.
+    claimed (by its worker) -> done
+                            -> failed (retry_at) -> claimed ... -> dead (max_attempts)
+    queued (no owner, since retry_at) -> claimed (by any worker with room)
+
+A winner with no room in its handler backlog stores the event ``queued``, and a
+worker that stops releases what it has not started the same way: any worker
+with room takes it at once, with no lease to wait for. Workers heartbeat into
+``workers``; the events ``claimed`` by a worker whose heartbeat is older than
+the lease are taken over in bulk (one ``update_many`` fenced by the dead
+owners' ids and a fresh token, then one ``find`` by id and token), so two live
+workers never take the same event.
+
+Every call has a deadline: the client's ``timeoutMS`` (``store_timeout``), and
+``wtimeout`` on the majority write concern of claims. The code uses only the
+API that ``pymongo.AsyncMongoClient`` and Motor share, so either client's
+database object works. Timestamps that the server writes (``done_at``,
+``last_seen``, ``retry_at`` of a release) use ``$currentDate``: one clock.
 """
 
 from __future__ import annotations
@@ -19,16 +28,17 @@ from __future__ import annotations
 import os
 import random
 import socket
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from pymongo import ReturnDocument, WriteConcern
+from pymongo import WriteConcern
 from pymongo.errors import BulkWriteError, PyMongoError
 from pymongo.read_concern import ReadConcern
 
 from amiworker.backoff import exponential
-from amiworker.fleet.documents import CLAIMED, DEAD, DONE, FAILED, ensure_indexes
+from amiworker.fleet.documents import CLAIMED, DEAD, DONE, FAILED, QUEUED, ensure_indexes
 from amiworker.mongo import (
     DUPLICATE_KEY,
     StoreUnavailable,
@@ -42,7 +52,14 @@ from amiworker.settings import redact_uri
 if TYPE_CHECKING:
     from amiworker.settings import Settings
 
-__all__ = ["MAX_ERROR_LENGTH", "Failure", "LockTable", "StoreUnavailable"]
+__all__ = [
+    "MAX_ERROR_LENGTH",
+    "Claimed",
+    "Failure",
+    "LockTable",
+    "Runnable",
+    "StoreUnavailable",
+]
 
 MAX_ERROR_LENGTH: Final = 2000
 
@@ -55,8 +72,30 @@ class Failure(NamedTuple):
     retry_in: float | None
 
 
+class Claimed(NamedTuple):
+    """What a claim came to: the documents this worker won, in the order given, and
+    those the store refused (with its reason), which no retry would change."""
+
+    won: list[dict[str, Any]]
+    rejected: list[tuple[dict[str, Any], str]]
+
+
+class Runnable(NamedTuple):
+    """Events taken to run: ``queued`` ones (``queued`` of them) and due retries."""
+
+    docs: list[dict[str, Any]]
+    queued: int
+
+
 WORKERS_COLLECTION: Final = "workers"
 _MAX_UNSETTLED: Final = 1_000_000
+# Write errors of one document that are the store's state, not the document's:
+# retried like an unreachable store (not primary, shutting down, interrupted,
+# timed out). Codes, never messages.
+_TRANSIENT_WRITE_ERRORS: Final = frozenset(
+    {6, 7, 50, 64, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
+)
+_ID_INDEX: Final = {"_id": 1}
 
 
 class LockTable:
@@ -74,6 +113,7 @@ class LockTable:
         *,
         uri: str | None = None,
         client: Any = None,
+        write_timeout: float | None = None,
     ) -> None:
         if not worker_id:
             raise ValueError("LockTable needs a worker_id")
@@ -82,7 +122,12 @@ class LockTable:
         self.events = database[collection]
         self.workers = database[WORKERS_COLLECTION]
         # A claim must survive a failover, or two workers could both win an event.
-        self._claims = self.events.with_options(write_concern=WriteConcern("majority"))
+        # wtimeout: a replica set that cannot reach a majority must not hold a claim
+        # for ever (the client's timeoutMS bounds the rest of the call).
+        wtimeout = None if write_timeout is None else max(1, int(write_timeout * 1000))
+        self._claims = self.events.with_options(
+            write_concern=WriteConcern("majority", wtimeout=wtimeout)
+        )
         # Reading back who won after an unclear claim must not see a write that
         # a failover may still roll back.
         self._committed = self.events.with_options(read_concern=ReadConcern("majority"))
@@ -98,6 +143,7 @@ class LockTable:
             settings.mongo_uri,
             settings.driver,
             serverSelectionTimeoutMS=int(settings.connect_timeout * 1000),
+            timeoutMS=int(settings.store_timeout * 1000),
         )
         return cls(
             client[settings.database],
@@ -105,6 +151,7 @@ class LockTable:
             worker_id,
             uri=settings.mongo_uri,
             client=client,
+            write_timeout=settings.store_timeout,
         )
 
     async def close(self) -> None:
@@ -126,13 +173,18 @@ class LockTable:
 
     # -- claiming ----------------------------------------------------------------
 
-    async def claim(self, docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Insert ``docs``; return those this worker won, in the order given.
+    async def claim(self, docs: Sequence[dict[str, Any]]) -> Claimed:
+        """Insert ``docs``; return those this worker won and those the store refused.
 
         One unordered ``insert_many`` with write concern majority. A
-        duplicate-key error (code 11000, never judged by its message) means
-        another worker inserted that event first. Any other write error, a
-        write concern error or a connection error raises
+        duplicate-key error (code 11000) on ``_id`` means another worker
+        inserted that event first. Errors are judged by their code and the
+        index they name (``keyPattern``), never by their message. A duplicate
+        on another unique index (one an operator added), or any other error of
+        one document (a validator's 121, say), is that document refused: the
+        others are stored, the refused ones returned with the reason, and a
+        retry would change nothing. A write concern error, an error of the
+        store's state (not primary, shutting down) or a connection error raises
         :class:`StoreUnavailable`, and some of the documents may be stored.
 
         Retrying such a claim is safe and needs nothing of the caller: the ids
@@ -145,14 +197,15 @@ class LockTable:
         round trips.
         """
         if not docs:
-            return []
+            return Claimed([], [])
         mine: set[Any] = set()
+        refused: dict[int, str] = {}
         try:
             try:
                 await self._claims.insert_many(docs, ordered=False)
                 lost: set[int] = set()
             except BulkWriteError as exc:
-                lost = self._duplicates(exc)
+                lost, refused = self._sort_write_errors(exc)
             unsettled = self._unsettled
             doubtful = [docs[i]["_id"] for i in lost if docs[i]["_id"] in unsettled]
             if doubtful:
@@ -166,21 +219,38 @@ class LockTable:
             raise self._unavailable("claim events", exc) from None
         if self._unsettled:
             self._unsettled.difference_update(doc["_id"] for doc in docs)
-        return [doc for i, doc in enumerate(docs) if i not in lost or doc["_id"] in mine]
+        won = [
+            doc
+            for i, doc in enumerate(docs)
+            if i not in refused and (i not in lost or doc["_id"] in mine)
+        ]
+        return Claimed(won, [(docs[i], reason) for i, reason in sorted(refused.items())])
 
-    def _duplicates(self, exc: BulkWriteError) -> set[int]:
-        """Indexes of the documents another worker holds; raise for any other error."""
+    def _sort_write_errors(self, exc: BulkWriteError) -> tuple[set[int], dict[int, str]]:
+        """(indexes of lost races, {index: reason} of refused documents); raise
+        :class:`StoreUnavailable` when the store, not a document, is the problem."""
         details = exc.details
-        lost: set[int] = set()
-        for error in details.get("writeErrors", ()):
-            if error.get("code") != DUPLICATE_KEY:
-                raise self._unavailable("claim events", exc) from None
-            lost.add(error["index"])
         if details.get("writeConcernErrors"):
             # Inserted but not confirmed by a majority: a failover could roll
             # them back and hand the events to another worker. Retry instead.
             raise self._unavailable("claim events", exc) from None
-        return lost
+        lost: set[int] = set()
+        refused: dict[int, str] = {}
+        for error in details.get("writeErrors", ()):
+            code = error.get("code")
+            index = error["index"]
+            key_pattern = error.get("keyPattern")
+            if code == DUPLICATE_KEY and (key_pattern is None or key_pattern == _ID_INDEX):
+                # No keyPattern (servers before MongoDB 4.2): _id is the only unique
+                # index amiworker creates, so a duplicate is a lost race.
+                lost.add(index)
+            elif code in _TRANSIENT_WRITE_ERRORS:
+                raise self._unavailable("claim events", exc) from None
+            elif code == DUPLICATE_KEY:
+                refused[index] = f"duplicate key on unique index {key_pattern} (not _id)"
+            else:
+                refused[index] = f"write error {code}: {str(error.get('errmsg', ''))[:300]}"
+        return lost, refused
 
     async def _claimed_by_me(self, keys: list[Any]) -> set[Any]:
         try:
@@ -216,6 +286,24 @@ class LockTable:
             )
         except PyMongoError as exc:
             raise self._unavailable("acknowledge events", exc) from None
+        return int(result.modified_count)
+
+    async def release(self, keys: Sequence[Any]) -> int:
+        """Give up events this worker holds and has not finished: they become
+        ``queued``, due now, and any worker with room takes them at once (a
+        stopping worker, or one abandoning runs). Returns how many were ours."""
+        if not keys:
+            return 0
+        try:
+            result = await self.events.update_many(
+                {"_id": {"$in": list(keys)}, "state": CLAIMED, "claimed_by": self.worker_id},
+                {
+                    "$set": {"state": QUEUED, "claimed_by": None},
+                    "$currentDate": {"retry_at": True},
+                },
+            )
+        except PyMongoError as exc:
+            raise self._unavailable("release events", exc) from None
         return int(result.modified_count)
 
     async def fail(
@@ -288,98 +376,119 @@ class LockTable:
         except PyMongoError as exc:
             raise self._unavailable("read the server time", exc) from None
 
-    # -- taking over ------------------------------------------------------------------
+    # -- the fleet ---------------------------------------------------------------------
 
-    async def reclaim(
-        self,
-        lease: float,
-        *,
-        max_attempts: int | None = None,
-        limit: int = 1000,
-        retries: bool = True,
-    ) -> list[dict[str, Any]]:
-        """Take over events that need a run; return the taken documents, oldest first.
-
-        1. Events ``claimed`` by a worker whose ``last_seen`` is older than
-           ``lease`` seconds: each is taken with one ``find_one_and_update``
-           matching its old owner, so of two live workers racing for it exactly
-           one gets it. The lost run counts as an attempt; at ``max_attempts``
-           the event is ``dead`` instead (a handler that kills its worker must
-           not kill the whole fleet in turn).
-        2. Events ``failed`` whose ``retry_at`` has passed, taken the same way
-           (unless ``retries`` is False: finding them is a query of the events
-           collection, where step 1 only reads ``workers`` while no worker is dead).
-
-        The row of a dead worker is deleted once it holds nothing.
-        """
+    async def fleet(self) -> tuple[datetime, list[dict[str, Any]]]:
+        """MongoDB's clock and every row of ``workers`` (a few per host: cheap)."""
         try:
-            now = await self.server_time()
-            cutoff = now - timedelta(seconds=lease)
-            dead = [
-                doc["_id"]
-                async for doc in self.workers.find(
-                    {"last_seen": {"$lt": cutoff}, "_id": {"$ne": self.worker_id}}, {"_id": 1}
-                )
-            ]
-            taken: list[dict[str, Any]] = []
-            if dead:
-                taken += await self._take_from_dead(dead, max_attempts, limit)
-            if retries and len(taken) < limit:
-                taken += await self._take_due_retries(now, limit - len(taken))
-            for worker in dead:
-                await self._forget_if_empty(worker, cutoff)
+            now = await server_time(self.database)
+            rows = [doc async for doc in self.workers.find({})]
         except PyMongoError as exc:
-            raise self._unavailable("reclaim events", exc) from None
-        return taken
+            raise self._unavailable("read the workers", exc) from None
+        return now, rows
 
-    async def _take_from_dead(
-        self, dead: list[Any], max_attempts: int | None, limit: int
+    async def forget_worker(self, worker: Any, cutoff: datetime) -> None:
+        """Delete the row of a worker whose heartbeat is older than ``cutoff`` (dead,
+        or stopped) once it holds nothing. Only while still expired: a worker that
+        was merely slow may be back."""
+        try:
+            await self.workers.delete_one({"_id": worker, "last_seen": {"$lt": cutoff}})
+        except PyMongoError as exc:
+            raise self._unavailable("forget a dead worker", exc) from None
+
+    # -- taking over -------------------------------------------------------------------
+
+    async def take_from_dead(
+        self, dead: Sequence[Any], limit: int, max_attempts: int
     ) -> list[dict[str, Any]]:
-        candidates = self.events.find(
-            {"state": CLAIMED, "claimed_by": {"$in": dead}}, {"_id": 1, "claimed_by": 1}
-        )
-        taken = []
-        async for candidate in candidates.sort("ts", 1).limit(limit):
-            doc = await self.events.find_one_and_update(
-                {"_id": candidate["_id"], "state": CLAIMED, "claimed_by": candidate["claimed_by"]},
-                {"$set": {"claimed_by": self.worker_id}, "$inc": {"attempts": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is None:
-                continue  # another live worker took it first
-            if max_attempts is not None and doc["attempts"] >= max_attempts:
-                await self._bury(doc, f"worker {candidate['claimed_by']} died while running it")
-                continue
-            taken.append(doc)
-        return taken
+        """Take over up to ``limit`` events ``claimed`` by the ``dead`` workers,
+        oldest first; return them as now held by this worker.
 
-    async def _take_due_retries(self, now: datetime, limit: int) -> list[dict[str, Any]]:
-        candidates = self.events.find({"state": FAILED, "retry_at": {"$lte": now}}, {"_id": 1})
-        taken = []
-        async for candidate in candidates.sort("retry_at", 1).limit(limit):
-            doc = await self.events.find_one_and_update(
-                {"_id": candidate["_id"], "state": FAILED},
+        Three round trips whatever the count: the candidates' ids, one
+        ``update_many`` fenced by the dead owners' ids (an event another live
+        worker took in between no longer matches) that stamps a fresh token,
+        and one ``find`` by id and token. The lost run counts as an attempt; at
+        ``max_attempts`` the event is ``dead`` instead (a handler that kills its
+        worker must not kill the whole fleet in turn).
+        """
+        if not dead or limit <= 0:
+            return []
+        owners = {"$in": list(dead)}
+        try:
+            candidates = {
+                doc["_id"]: doc.get("claimed_by")
+                async for doc in self.events.find(
+                    {"state": CLAIMED, "claimed_by": owners}, {"_id": 1, "claimed_by": 1}
+                )
+                .sort("ts", 1)
+                .limit(limit)
+            }
+            if not candidates:
+                return []
+            ids = list(candidates)
+            token = uuid.uuid4().hex
+            await self.events.update_many(
+                {"_id": {"$in": ids}, "state": CLAIMED, "claimed_by": owners},
+                {"$set": {"claimed_by": self.worker_id, "token": token}, "$inc": {"attempts": 1}},
+            )
+            taken = await self._taken(ids, token)
+            buried: dict[Any, list[Any]] = {}
+            for doc in taken:
+                if doc.get("attempts", 0) >= max_attempts:
+                    buried.setdefault(candidates[doc["_id"]], []).append(doc["_id"])
+            for owner, keys in buried.items():
+                await self.events.update_many(
+                    {"_id": {"$in": keys}, "token": token},
+                    {"$set": {"state": DEAD, "error": f"worker {owner} died while running it"}},
+                )
+        except PyMongoError as exc:
+            raise self._unavailable("take over a dead worker's events", exc) from None
+        return [doc for doc in taken if doc.get("attempts", 0) < max_attempts]
+
+    async def take_runnable(self, limit: int, *, retries: bool = True) -> Runnable:
+        """Take up to ``limit`` events any worker may run, those runnable longest
+        first: ``queued`` ones and (with ``retries``) ``failed`` ones whose
+        ``retry_at`` has passed. Same three round trips as :meth:`take_from_dead`."""
+        if limit <= 0:
+            return Runnable([], 0)
+        try:
+            now = await server_time(self.database)
+            due = {"$lte": now}
+            # One $or branch per state, each served whole by the (state, retry_at)
+            # index; and $in beside a date range is one of nx-27017's blind spots.
+            branches = [{"state": QUEUED, "retry_at": due}]
+            if retries:
+                branches.append({"state": FAILED, "retry_at": due})
+            runnable: dict[str, Any] = {"$or": branches}
+            candidates = {
+                doc["_id"]: doc.get("state")
+                async for doc in self.events.find(runnable, {"_id": 1, "state": 1})
+                .sort("retry_at", 1)
+                .limit(limit)
+            }
+            if not candidates:
+                return Runnable([], 0)
+            ids = list(candidates)
+            token = uuid.uuid4().hex
+            await self.events.update_many(
+                {"_id": {"$in": ids}, **runnable},
                 {
-                    "$set": {"state": CLAIMED, "claimed_by": self.worker_id},
+                    "$set": {"state": CLAIMED, "claimed_by": self.worker_id, "token": token},
                     "$unset": {"retry_at": ""},
                 },
-                return_document=ReturnDocument.AFTER,
             )
-            if doc is not None:
-                taken.append(doc)
+            taken = await self._taken(ids, token)
+        except PyMongoError as exc:
+            raise self._unavailable("take queued or due events", exc) from None
+        queued = sum(1 for doc in taken if candidates.get(doc["_id"]) == QUEUED)
+        return Runnable(taken, queued)
+
+    async def _taken(self, ids: list[Any], token: str) -> list[dict[str, Any]]:
+        cursor = self.events.find({"_id": {"$in": ids}, "token": token})
+        taken = [doc async for doc in cursor]
+        order = {key: i for i, key in enumerate(ids)}
+        taken.sort(key=lambda doc: order[doc["_id"]])
         return taken
-
-    async def _bury(self, doc: dict[str, Any], error: str) -> None:
-        await self.events.update_one(
-            {"_id": doc["_id"], "state": CLAIMED, "claimed_by": self.worker_id},
-            {"$set": {"state": DEAD, "error": _truncate(error)}},
-        )
-
-    async def _forget_if_empty(self, worker: Any, cutoff: datetime) -> None:
-        if await self.events.count_documents({"state": CLAIMED, "claimed_by": worker}, limit=1):
-            return
-        # Only while still expired: a worker that was merely slow may be back.
-        await self.workers.delete_one({"_id": worker, "last_seen": {"$lt": cutoff}})
 
     def _unavailable(self, what: str, exc: PyMongoError) -> StoreUnavailable:
         return unavailable(self._where, what, exc)

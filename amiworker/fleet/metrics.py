@@ -27,9 +27,14 @@ Metric names (all with the ``worker`` label)::
     amiworker_events_failed_total        handler runs that raised or timed out
     amiworker_events_dropped_total       events lost: buffer full while MongoDB was away
     amiworker_events_reclaimed_total     events taken over from dead workers, or retried
+    amiworker_events_queued_total        events won with no backlog room: stored queued
+    amiworker_events_dequeued_total      queued events this worker took to run
+    amiworker_events_released_total      unstarted events given back on a stop
+    amiworker_events_rejected_total      events MongoDB refused: not stored
     amiworker_claim_batches_total        insert_many claims
     amiworker_store_errors_total         failed MongoDB claim attempts (retried)
     amiworker_queue_depth{stage}         events waiting: stage="claim" or "handlers"
+                                         (the handler backlog, bounded by handler_backlog)
     amiworker_pbx_connected{pbx}         1 while the AMI session with that PBX is open
     amiworker_pbx_reconnects_total{pbx}  sessions reopened since start
     amiworker_claim_latency_seconds      histogram: one insert_many claim, per batch
@@ -73,6 +78,10 @@ COUNTERS: Final = (
     ("amiworker_events_failed", "failed", "Handler runs that raised or timed out."),
     ("amiworker_events_dropped", "dropped", "Events lost: buffer full while MongoDB was away."),
     ("amiworker_events_reclaimed", "reclaimed", "Events taken over from dead workers or retried."),
+    ("amiworker_events_queued", "queued", "Events won with no backlog room: stored queued."),
+    ("amiworker_events_dequeued", "dequeued", "Queued events this worker took to run."),
+    ("amiworker_events_released", "released", "Unstarted events given back on a stop."),
+    ("amiworker_events_rejected", "rejected", "Events MongoDB refused (validator, unique index)."),
     ("amiworker_claim_batches", "claim_batches", "insert_many claims made."),
     ("amiworker_store_errors", "store_errors", "Claim attempts MongoDB failed (retried)."),
 )

@@ -1,10 +1,17 @@
-"""Recording what became of each handler run: done (acks, batched) or failed.
+"""Recording what became of each handler run: done (acks) or failed.
 
-Acks are the most frequent write after claims, so they are sent as one
-``update_many`` per batch instead of one update per event. Failures are rare
-and each needs its own attempt count, so they are written one by one.
-While MongoDB is unreachable, outcomes wait here and are retried: an event
-left ``claimed`` is not lost either way (a live worker reclaims it if this one
+Acks are the most frequent write after claims, so they go as one
+``update_many`` per batch. An event whose handlers finished but whose ack is
+not written yet re-runs if the worker is killed, so the window is bounded: an
+ack is sent within ``ack_delay`` of its handler finishing. The first ack goes
+at once; those that finish while it is in flight join the next batch, which
+leaves when the flight lands or when its oldest ack has waited ``ack_delay``,
+whichever is first (a few batches may be in flight together behind a slow
+store: an ack is idempotent, so order does not matter).
+
+Failures are rare and each needs its own attempt count: written one by one.
+While MongoDB is away, outcomes wait here and are retried: an event left
+``claimed`` is not lost either way (a live worker takes it over if this one
 dies), but a needless re-run is avoided.
 """
 
@@ -14,35 +21,53 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Final
 
+from amiworker.backoff import full_jitter
 from amiworker.fleet.dispatch import describe_exception
 from amiworker.fleet.scheduler import Job
+from amiworker.mongo import StoreUnavailable
 from amiworker.settings import Settings
 from amiworker.stats import WorkerStats
 
 if TYPE_CHECKING:
+    from amiworker.fleet.health import StoreHealth
     from amiworker.fleet.locktable import LockTable
 
 __all__ = ["Outcomes"]
 
-log = logging.getLogger("amiworker.fleet.outcomes")
+log = logging.getLogger("amiworker.outcomes")
 
-_FLUSH_DELAY = 0.01
-_RETRY_DELAY = 0.5
+# Ack batches in flight at once behind a slow store; more wait (bounded memory
+# and load, while a steady trickle is still written within ack_delay).
+_MAX_IN_FLIGHT: Final = 4
+_RETRY_MIN: Final = 0.1
+_RETRY_MAX: Final = 5.0
 
 
 class Outcomes:
-    def __init__(self, store: LockTable, settings: Settings, stats: WorkerStats) -> None:
+    def __init__(
+        self,
+        store: LockTable,
+        settings: Settings,
+        stats: WorkerStats,
+        health: StoreHealth,
+    ) -> None:
         self._store = store
         self._settings = settings
         self._stats = stats
+        self._health = health
         self._acks: list[str] = []
-        self._failures: list[tuple[str, str]] = []
+        self._oldest_ack = 0.0  # monotonic time the oldest waiting ack was recorded
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._acks_in_flight = 0
+        self._failures: deque[tuple[str, str]] = deque()
         # Monotonic times at which failures recorded here come due for a retry,
-        # earliest first: the reclaim loop looks for due retries then.
+        # earliest first: the take-over loop looks for due retries then.
         self._retries_due: list[float] = []
-        self._wake = asyncio.Event()
+        self._acks_waiting = asyncio.Event()
+        self._failures_waiting = asyncio.Event()
         self._stopping = False
 
     def record(self, job: Job, error: BaseException | None) -> None:
@@ -54,10 +79,18 @@ class Outcomes:
         if job.key is None:
             return  # a local event: nothing stored to update
         if error is None:
+            if not self._acks:
+                self._oldest_ack = time.monotonic()
             self._acks.append(job.key)
+            self._acks_waiting.set()
         else:
             self._failures.append((job.key, describe_exception(error)))
-        self._wake.set()
+            self._failures_waiting.set()
+
+    @property
+    def pending(self) -> int:
+        """Outcomes not yet written (waiting or in flight)."""
+        return len(self._acks) + self._acks_in_flight + len(self._failures)
 
     def retry_due(self, now: float) -> bool:
         """Whether a failure recorded here is due for a retry at monotonic ``now``."""
@@ -70,55 +103,105 @@ class Outcomes:
             heapq.heappop(due)
 
     def stop(self) -> None:
+        """Write what is pending, then return from :meth:`run`."""
         self._stopping = True
-        self._wake.set()
+        self._acks_waiting.set()
+        self._failures_waiting.set()
 
     async def run(self) -> None:
-        from amiworker.fleet.locktable import StoreUnavailable
-
-        while True:
-            if not self._acks and not self._failures:
-                if self._stopping:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await asyncio.sleep(_FLUSH_DELAY)
-            try:
-                await self._flush()
-            except StoreUnavailable as exc:
-                if self._stopping:
-                    log.error("could not record %d outcome(s): %s", len(self._acks), exc)
-                    return
-                log.debug("outcomes not recorded yet: %s", exc)
-                await asyncio.sleep(_RETRY_DELAY)
-
-    async def _flush(self) -> None:
-        acks, self._acks = self._acks, []
+        """Write outcomes until :meth:`stop` and nothing is pending."""
+        failures = asyncio.create_task(self._record_failures(), name="failures")
         try:
-            if acks:
-                acked = await self._store.ack_many(acks)
-                if acked < len(acks):
-                    # Another worker reclaimed them: our heartbeat looked expired to it
-                    # (lease too short for this store's latency?). They may run twice.
-                    log.warning(
-                        "%d event(s) were taken over by another worker while their handlers "
-                        "ran here; raise lease if this worker was not really stalled",
-                        len(acks) - acked,
-                    )
-        except BaseException:
-            self._acks[:0] = acks
-            raise
-        while self._failures:
-            key, error = self._failures[0]
-            settings = self._settings
-            failure = await self._store.fail(
-                key,
-                error,
-                settings.max_attempts,
-                settings.retry_backoff,
-                settings.retry_backoff_max,
+            await self._send_acks()
+            await failures
+        finally:
+            failures.cancel()
+            for task in self._in_flight:
+                task.cancel()
+
+    # -- acks ---------------------------------------------------------------------------
+
+    async def _send_acks(self) -> None:
+        in_flight = self._in_flight
+        while True:
+            for task in [t for t in in_flight if t.done()]:
+                in_flight.discard(task)
+                task.result()  # an unexpected error ends the loop loudly, never silently
+            if not self._acks:
+                if self._stopping and not in_flight:
+                    return
+                await self._wait(in_flight, None)
+                continue
+            now = time.monotonic()
+            due = self._oldest_ack + self._settings.ack_delay
+            room = len(in_flight) < _MAX_IN_FLIGHT
+            if room and (not in_flight or now >= due):
+                acks, self._acks = self._acks, []
+                self._acks_in_flight += len(acks)
+                in_flight.add(asyncio.create_task(self._flush(acks), name="acks"))
+                continue
+            await self._wait(in_flight, max(0.0, due - now) if room else None)
+
+    async def _wait(self, in_flight: set[asyncio.Task[None]], timeout: float | None) -> None:
+        """Until something is recorded, a flight lands, or ``timeout`` passes."""
+        self._acks_waiting.clear()
+        woken = asyncio.ensure_future(self._acks_waiting.wait())
+        try:
+            await asyncio.wait({woken, *in_flight}, timeout=timeout, return_when="FIRST_COMPLETED")
+        finally:
+            woken.cancel()
+
+    async def _flush(self, acks: list[str]) -> None:
+        attempt = 0
+        try:
+            while True:
+                try:
+                    acked = await self._store.ack_many(acks)
+                    self._health.answered()
+                    break
+                except StoreUnavailable as exc:
+                    self._health.failed(exc)
+                    await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
+                    attempt += 1
+        finally:
+            self._acks_in_flight -= len(acks)
+        if acked < len(acks):
+            # Another worker took them over: our heartbeat looked expired to it
+            # (lease too short for this store's latency?). They may run twice.
+            log.warning(
+                "%d event(s) were taken over by another worker while their handlers "
+                "ran here; raise lease if this worker was not really stalled",
+                len(acks) - acked,
             )
-            self._failures.pop(0)
+
+    # -- failures -----------------------------------------------------------------------
+
+    async def _record_failures(self) -> None:
+        settings = self._settings
+        attempt = 0
+        while True:
+            if not self._failures:
+                if self._stopping:
+                    return
+                self._failures_waiting.clear()
+                await self._failures_waiting.wait()
+                continue
+            key, error = self._failures[0]
+            try:
+                failure = await self._store.fail(
+                    key,
+                    error,
+                    settings.max_attempts,
+                    settings.retry_backoff,
+                    settings.retry_backoff_max,
+                )
+            except StoreUnavailable as exc:
+                self._health.failed(exc)
+                await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
+                attempt += 1
+                continue
+            self._health.answered()
+            attempt = 0
+            self._failures.popleft()
             if failure is not None and failure.retry_in is not None:
                 heapq.heappush(self._retries_due, time.monotonic() + failure.retry_in)

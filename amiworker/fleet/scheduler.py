@@ -78,6 +78,7 @@ class HandlerScheduler:
         timeout: float,
         on_finished: Callable[[Job, BaseException | None], None],
         executor: Executor | None = None,
+        backlog: int = 1_000_000,
     ) -> None:
         self._registry = registry
         self._executor = executor
@@ -85,6 +86,7 @@ class HandlerScheduler:
         self._timeout = timeout
         self._on_finished = on_finished
         self._concurrency = concurrency
+        self._backlog = backlog
         # Calls with work queued or running -> their events, oldest first.
         self._queues: dict[str, deque[Job]] = {}
         # Calls with work queued that no runner has taken yet, in arrival order.
@@ -112,6 +114,41 @@ class HandlerScheduler:
     def depth(self) -> int:
         """Events queued or running."""
         return self._queued
+
+    @property
+    def room(self) -> int:
+        """How many more events the backlog bound (``handler_backlog``) lets in.
+
+        The bound is the caller's to respect: what it wins beyond it, it stores
+        as queued for any worker with room (see fleet.locktable), rather than
+        holding events here that a crash would strand for a lease.
+        """
+        return max(0, self._backlog - self._queued)
+
+    def drain_unstarted(self) -> list[Job]:
+        """Remove and return every queued event whose handlers have not started,
+        oldest first per call (a stopping worker releases them to the others)."""
+        waiting = set(self._ready)
+        drained: list[Job] = []
+        for key, queue in list(self._queues.items()):
+            if key in waiting:  # no runner has this call: none of it started
+                drained.extend(queue)
+                del self._queues[key]
+            else:  # queue[0] is running: the rest has not started
+                running = queue.popleft()
+                drained.extend(queue)
+                queue.clear()
+                queue.append(running)
+        self._ready.clear()
+        self._queued -= len(drained)
+        if not self._queues:
+            self._idle.set()
+        return drained
+
+    def running(self) -> list[Job]:
+        """The events whose handlers are running now."""
+        waiting = set(self._ready)
+        return [queue[0] for key, queue in self._queues.items() if key not in waiting and queue]
 
     def submit(self, job: Job) -> None:
         key = order_key(job.server, job.message)

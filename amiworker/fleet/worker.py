@@ -6,11 +6,20 @@ The data path runs one way::
         -> on_event: race or handle here
         -> Claimer (bounded buffer, insert_many batches)     -> winners
         -> HandlerScheduler (ordered per call, bounded)       -> outcome
-        -> Outcomes (acks batched, failures recorded)
+        -> Outcomes (acks within ack_delay, failures recorded)
 
-Beside it run the heartbeat (so others can tell this worker is alive) and the
-reclaim loop (taking over the events of workers whose heartbeat expired, and
-retrying failed events when their backoff has passed).
+Beside it run the heartbeat (this worker's row, and the fleet's view) and the
+take-over loop (events of dead workers, queued events, due retries, into the
+backlog's free room). Every loop is watched: one that ends unexpectedly is
+logged with its traceback and ends the process with a non-zero status, for the
+supervisor to restart it; a worker never lingers half alive.
+
+A stop (SIGTERM) keeps the lease until the worker holds nothing: it claims
+nothing new (what it had buffered is stored, ``queued`` for others), releases
+the events it has not started (any live worker takes them at once), lets its
+running handlers finish within ``shutdown_timeout`` with the AMI sessions
+still open (``ctx.ami`` works), writes their outcomes, and only then records
+its stop and logs off.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import sys
@@ -27,11 +35,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from amiworker import logs
 from amiworker.ami.message import Message
 from amiworker.ami.pool import ServerPool
+from amiworker.backoff import full_jitter
 from amiworker.cancelling import cancel_until_done
 from amiworker.fleet.claims import Claimer, Pending
 from amiworker.fleet.dedup import races
@@ -41,19 +50,29 @@ from amiworker.fleet.dispatch import (
     HandlerRegistry,
     load_handlers,
 )
-from amiworker.fleet.documents import DONE, event_document, message_from_document
+from amiworker.fleet.documents import event_document
+from amiworker.fleet.health import StoreHealth
+from amiworker.fleet.heartbeat import RUNNING, STOPPED, STOPPING, Heartbeat
 from amiworker.fleet.locktable import LockTable, StoreUnavailable
 from amiworker.fleet.metrics import start_worker_metrics
 from amiworker.fleet.outcomes import Outcomes
 from amiworker.fleet.scheduler import HandlerScheduler, Job
+from amiworker.fleet.takeover import Takeover
 from amiworker.settings import Settings, secrets_of
 from amiworker.stats import WorkerStats
 
-__all__ = ["Worker", "new_worker_id", "run_worker_process"]
+__all__ = ["EXIT_LOOP_DIED", "Worker", "WorkerLoopDied", "new_worker_id", "run_worker_process"]
 
-log = logging.getLogger("amiworker.fleet.worker")
-# Most events one reclaim takes over.
-_RECLAIM_LIMIT = 1000
+log = logging.getLogger("amiworker.worker")
+
+#: Exit status of a worker whose loop died (the supervisor restarts it).
+EXIT_LOOP_DIED: Final = 3
+# Seconds the outcomes of the last handler runs get to be written on a stop.
+_OUTCOMES_GRACE: Final = 5.0
+
+
+class WorkerLoopDied(Exception):
+    """A loop of the worker ended unexpectedly; the process must end and be restarted."""
 
 
 def new_worker_id(index: int | None = None) -> str:
@@ -80,9 +99,12 @@ class Worker:
         self.stats = WorkerStats()
         self.registry = registry
         self.store = store or LockTable.from_settings(settings, self.worker_id)
+        self.state = RUNNING
+        self.health = StoreHealth(lambda: self.claimer.describe())
         self.pool = ServerPool(
             settings.servers,
             on_event=self._on_event,
+            on_session=self._on_session,
             reconnect_min=settings.reconnect_min,
             reconnect_max=settings.reconnect_max,
             connect_timeout=settings.connect_timeout,
@@ -91,18 +113,7 @@ class Worker:
             ping_timeout=settings.ping_timeout,
             max_message_size=settings.max_message_size,
         )
-        self.claimer = Claimer(
-            self.store,
-            build_document=self._document,
-            on_won=self._on_won,
-            unavailable=StoreUnavailable,
-            stats=self.stats,
-            dedup_window=settings.dedup_window,
-            batch_size=settings.batch_size,
-            batch_delay=settings.batch_delay,
-            buffer_size=settings.buffer_size,
-        )
-        self.outcomes = Outcomes(self.store, settings, self.stats)
+        self.outcomes = Outcomes(self.store, settings, self.stats, self.health)
         self.scheduler = HandlerScheduler(
             registry,
             self._context,
@@ -112,16 +123,52 @@ class Worker:
             # Plain handlers run in threads; time queueing for one counts against
             # handler_timeout, so there is a thread for every concurrent call.
             executor=ThreadPoolExecutor(settings.handler_concurrency, "handler"),
+            backlog=settings.handler_backlog,
+        )
+        self.claimer = Claimer(
+            self.store,
+            build_document=self._document,
+            on_won=self._on_won,
+            unavailable=StoreUnavailable,
+            stats=self.stats,
+            health=self.health,
+            needs_run=self.scheduler.wants,
+            room=self.room,
+            dedup_window=settings.dedup_window,
+            batch_size=settings.batch_size,
+            batch_delay=settings.batch_delay,
+            buffer_size=settings.buffer_size,
+        )
+        self.heartbeat = Heartbeat(
+            self.store, self.health, settings.heartbeat_interval, self.heartbeat_info
+        )
+        self.takeover = Takeover(
+            self.store,
+            settings,
+            health=self.health,
+            heartbeat=self.heartbeat,
+            scheduler=self.scheduler,
+            outcomes=self.outcomes,
+            stats=self.stats,
+            room=self.room,
         )
         self.started_at = datetime.now(UTC)
+        # PBXs whose current session has not shown an event yet: is it timestamped?
+        self._unchecked: set[str] = set()
+        #: PBX -> whether its events carry a Timestamp (None: not seen yet).
+        self.timestamps: dict[str, bool] = {}
         self._stop = asyncio.Event()
 
     # -- the hot path: called by the AMI reader, must never wait -------------------------
 
     def _on_event(self, server: str, message: Message, own_action: bool) -> None:
-        if own_action:
-            return  # answers this session's own action: never raced (see ami.routing)
+        if own_action or self.state != RUNNING:
+            # An answer to this session's own action is never raced (see ami.routing);
+            # a stopping worker claims nothing new (the others have these events).
+            return
         self.stats.events_seen += 1
+        if self._unchecked and server in self._unchecked:
+            self._check_timestamps(server, message)
         now = time.monotonic()
         if races(message, self.settings.race):
             self.claimer.submit(Pending(server, message, datetime.now(UTC), now))
@@ -129,18 +176,34 @@ class Worker:
             self.stats.local += 1
             self.scheduler.submit(Job(server, message, None, now))
 
+    def _on_session(self, server: str) -> None:
+        self._unchecked.add(server)
+
+    def _check_timestamps(self, server: str, message: Message) -> None:
+        if message.name == "FullyBooted":
+            return  # sent to the session that logged in, never with a Timestamp
+        self._unchecked.discard(server)
+        stamped = b"\nTimestamp: " in message.raw
+        self.timestamps[server] = stamped
+        if not stamped:
+            log.warning(
+                "%s sends events without a Timestamp: an event byte-identical to one stored "
+                "in the last dedup_window (a repeated VarSet) can be missed. Set "
+                "timestampevents = yes in manager.conf [general] and reload the manager",
+                server,
+                extra={"server": server},
+            )
+
+    def room(self) -> int:
+        """Free room in the handler backlog; none once stopping (claim nothing new)."""
+        return self.scheduler.room if self.state == RUNNING else 0
+
     def _document(self, item: Pending) -> dict[str, Any]:
-        doc = event_document(item.key, item.server, item.message, self.worker_id, item.received_at)
-        if not self.scheduler.wants(item.message.name):
-            # Nothing to run: stored as done at once, which saves an ack per event.
-            doc["state"] = DONE
-            doc["done_at"] = item.received_at
-        return doc
+        return event_document(item.key, item.server, item.message, self.worker_id, item.received_at)
 
     def _on_won(self, winners: list[Pending]) -> None:
         for item in winners:
-            if self.scheduler.wants(item.message.name):
-                self.scheduler.submit(Job(item.server, item.message, item.key, item.received_mono))
+            self.scheduler.submit(Job(item.server, item.message, item.key, item.received_mono))
 
     def _context(self, job: Job) -> HandlerContext:
         return HandlerContext.create(
@@ -157,15 +220,16 @@ class Worker:
         """Run until :meth:`stop`; then stop gracefully.
 
         MongoDB need not be reachable at start: the AMI sessions open anyway and
-        events wait in the claim buffer until it is.
+        events wait in the claim buffer until it is. Raises :class:`WorkerLoopDied`
+        if a loop ends unexpectedly.
         """
-        tasks = [
+        loops = {
             asyncio.create_task(self.claimer.run(), name="claims"),
             asyncio.create_task(self.outcomes.run(), name="outcomes"),
-            asyncio.create_task(self._heartbeats(), name="heartbeat"),
-            asyncio.create_task(self._reclaims(), name="reclaim"),
-            asyncio.create_task(self._prepare_store(), name="indexes"),
-        ]
+            asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
+            asyncio.create_task(self.takeover.run(), name="takeover"),
+        }
+        indexes = asyncio.create_task(self._prepare_store(), name="indexes")
         stop_metrics = await start_worker_metrics(self, self.settings.metrics_port, self.index)
         await self.pool.start()
         log.info(
@@ -174,22 +238,45 @@ class Worker:
             len(self.settings.servers),
             ", ".join(self.registry.event_names()) or "no event",
         )
+        stopped = asyncio.create_task(self._stop.wait(), name="stop")
         try:
-            await self._stop.wait()
+            done, _ = await asyncio.wait({stopped, *loops}, return_when=asyncio.FIRST_COMPLETED)
+            died = [task for task in done if task is not stopped]
+            if died:
+                await self._die(died[0], [*loops, indexes, stopped])
+            await self._shutdown(loops, indexes)
         finally:
-            await self._shutdown(tasks)
             await stop_metrics()
 
     def stop(self) -> None:
         self._stop.set()
 
-    async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
-        log.info("stopping: logging off, flushing claims, finishing handlers")
-        await self.pool.stop(logoff=True)
-        claims, outcomes, *others = tasks
-        stopping_others = asyncio.create_task(cancel_until_done(others))
+    async def _die(self, task: asyncio.Task[Any], tasks: list[asyncio.Task[Any]]) -> None:
+        error = None if task.cancelled() else task.exception()
+        log.error(
+            "the %s loop of this worker ended unexpectedly (%s); exiting for the supervisor to "
+            "restart it (its claimed events are taken over by a live worker after the lease)",
+            task.get_name(),
+            "cancelled" if error is None else f"{type(error).__name__}: {error}",
+            exc_info=error,
+        )
+        await cancel_until_done(tasks)
+        await self.pool.stop(logoff=False)
+        with contextlib.suppress(Exception):
+            await self.store.close()
+        raise WorkerLoopDied(task.get_name()) from error
+
+    async def _shutdown(self, loops: set[asyncio.Task[None]], indexes: asyncio.Task[None]) -> None:
+        settings = self.settings
+        deadline = time.monotonic() + settings.shutdown_timeout
+        self.state = STOPPING
+        log.info("stopping: no new claims; releasing unstarted events, finishing handlers")
+        by_name = {task.get_name(): task for task in loops}
+        claims, takeover = by_name["claims"], by_name["takeover"]
+        await cancel_until_done([takeover, indexes])
+        # What was buffered before the stop is stored (queued: room is now 0).
         self.claimer.stop()
-        flushed, _ = await asyncio.wait({claims}, timeout=self.settings.shutdown_timeout)
+        flushed, _ = await asyncio.wait({claims}, timeout=settings.shutdown_timeout)
         if not flushed:
             lost = self.claimer.depth
             self.stats.dropped += lost
@@ -197,104 +284,93 @@ class Worker:
                 "stopping with %d event(s) not stored: MongoDB did not take them within "
                 "shutdown_timeout (%.0f s)",
                 lost,
-                self.settings.shutdown_timeout,
+                settings.shutdown_timeout,
             )
             # Not asyncio.wait_for: the claim loop may be inside the driver, where a
             # single cancellation can be lost (see amiworker.cancelling).
             await cancel_until_done([claims])
-        if not await self.scheduler.join(self.settings.shutdown_timeout):
+        unstarted = self.scheduler.drain_unstarted()
+        await self._release([job.key for job in unstarted if job.key], deadline, "unstarted")
+        if not await self.scheduler.join(max(0.0, deadline - time.monotonic())):
+            running = self.scheduler.running()
             log.error(
-                "%d handler run(s) still going after %.0f s; abandoning them (a live worker "
-                "will reclaim their events)",
-                self.scheduler.depth,
-                self.settings.shutdown_timeout,
+                "%d handler run(s) still going after shutdown_timeout (%.0f s); abandoning "
+                "them, their events released to run again elsewhere",
+                len(running),
+                settings.shutdown_timeout,
             )
             await self.scheduler.cancel()
+            await self._release([job.key for job in running if job.key], None, "abandoned")
         self.outcomes.stop()
-        await asyncio.gather(outcomes, stopping_others, return_exceptions=True)
-        try:
-            # The row stays (state "stopped") so `amiworker status` and the demo can
-            # show the final counts; live workers delete it once its lease expired.
-            await self.store.heartbeat(self.heartbeat_info(state="stopped"))
-        except StoreUnavailable as exc:
-            log.warning("could not record the stop: %s", exc)
+        outcomes = by_name["outcomes"]
+        written, _ = await asyncio.wait({outcomes}, timeout=_OUTCOMES_GRACE)
+        if not written:
+            log.error(
+                "%d outcome(s) not written (MongoDB away); those events run again elsewhere",
+                self.outcomes.pending,
+            )
+        # Holding nothing now: the lease may go.
+        await cancel_until_done([outcomes, by_name["heartbeat"]])
+        self.state = STOPPED
+        if not await self.heartbeat.beat_once():
+            log.warning("could not record the stop in MongoDB")
+        await self.pool.stop(logoff=True)
         await self.store.close()
         log.info("stopped: %s", self.stats.as_dict())
 
-    # -- background loops ---------------------------------------------------------------------
+    async def _release(self, keys: list[str], deadline: float | None, what: str) -> None:
+        """Give ``keys`` back (queued, due now), retrying until ``deadline``."""
+        if not keys:
+            return
+        attempt = 0
+        while True:
+            try:
+                released = await self.store.release(keys)
+                self.stats.released += released
+                log.info("released %d %s event(s) for other workers to run", released, what)
+                return
+            except StoreUnavailable as exc:
+                self.health.failed(exc)
+                if deadline is None or time.monotonic() >= deadline:
+                    log.error(
+                        "could not release %d %s event(s): %s; they run again elsewhere "
+                        "after the lease",
+                        len(keys),
+                        what,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(full_jitter(attempt, 0.1, 1.0))
+                attempt += 1
 
-    def heartbeat_info(self, state: str = "running") -> dict[str, Any]:
+    # -- what the fleet sees of this worker ----------------------------------------------------
+
+    def heartbeat_info(self) -> dict[str, Any]:
+        servers: dict[str, Any] = {}
+        for name, status in self.pool.status().items():
+            servers[name] = {**status, "timestamps": self.timestamps.get(name)}
         return {
-            "state": state,
+            "state": self.state,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "servers": self.pool.status(),
+            "servers": servers,
             "counters": self.stats.as_dict(),
             "queue_depth": self.claimer.depth + self.scheduler.depth,
+            "backlog": self.scheduler.depth,
+            "handlers": self.registry.event_names(),
         }
 
     async def _prepare_store(self) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
             try:
                 await self.store.ensure_indexes(self.settings.ttl_days)
                 return
-            except Exception as exc:  # StoreUnavailable, or a driver's own surprise
-                if delay == 0.5:
-                    log.error(
-                        "%s. Reading AMI on, holding up to %d events meanwhile",
-                        exc,
-                        self.settings.buffer_size,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def _heartbeats(self) -> None:
-        while True:
-            try:
-                await self.store.heartbeat(self.heartbeat_info())
             except StoreUnavailable as exc:
-                log.debug("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_interval)
-
-    async def _reclaims(self) -> None:
-        # Every heartbeat: events of dead workers, found from the small workers
-        # collection. Due retries need a query of the events collection, so that
-        # runs when a failure recorded here comes due, and otherwise every lease
-        # (for failures recorded by a worker that died since, and `amiworker
-        # retry`): n workers searching every heartbeat cost the store a query
-        # each, which on a store without a usable index is a full scan.
-        settings = self.settings
-        # Spread over the second half of the first lease: workers started together
-        # do not search together.
-        next_retry_search = time.monotonic() + random.uniform(0.5, 1.0) * settings.lease
-        while True:
-            await asyncio.sleep(settings.heartbeat_interval)
-            now = time.monotonic()
-            retries = now >= next_retry_search or self.outcomes.retry_due(now)
-            try:
-                docs = await self.store.reclaim(
-                    settings.lease,
-                    max_attempts=settings.max_attempts,
-                    limit=_RECLAIM_LIMIT,
-                    retries=retries,
-                )
-            except StoreUnavailable as exc:
-                log.debug("reclaim failed: %s", exc)
-                continue
-            if retries:
-                self.outcomes.forget_due_retries(now)
-                # A full batch: more may be due, look again next time.
-                full = len(docs) >= _RECLAIM_LIMIT
-                next_retry_search = now if full else now + settings.lease
-            if docs:
-                log.info("took over %d event(s) to run (dead worker or retry due)", len(docs))
-            now = time.monotonic()
-            for doc in docs:
-                self.stats.reclaimed += 1
-                message = message_from_document(doc)
-                self.scheduler.submit(Job(doc["server"], message, doc["_id"], now))
+                self.health.failed(exc)
+            await asyncio.sleep(full_jitter(attempt, 0.5, 10.0))
+            attempt += 1
 
 
 def run_worker_process(settings: Settings, index: int | None = None) -> None:
@@ -310,8 +386,11 @@ def run_worker_process(settings: Settings, index: int | None = None) -> None:
     except HandlerImportError as exc:
         log.error("%s", exc)
         sys.exit(2)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(settings, registry, worker_id, index))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(settings, registry, worker_id, index))
+    except WorkerLoopDied:
+        sys.exit(EXIT_LOOP_DIED)
 
 
 async def _serve(
