@@ -72,8 +72,9 @@ MAX_ALTERNATES = 100
 MAGIC = b"AMISPL1\n"
 _HEADER = struct.Struct("<II")  # body length, CRC-32 of the body
 _BODY = struct.Struct("<dHH")  # received_at, key length, server length
-# Bytes to read at a record's start for peek_received_at.
-HEAD_SIZE = _HEADER.size + _BODY.size
+_HEAD = struct.Struct("<IIdHH")  # the two together
+# The bytes at a record's start that say how to read it (and when it arrived).
+HEAD_SIZE = _HEAD.size
 # A longer body is a torn or foreign length, not an event (an AMI event is
 # kilobytes; the u32 field would allow 4 GiB).
 MAX_BODY = 64 << 20
@@ -226,15 +227,16 @@ def decode_records(
     :class:`CorruptRecord` at one that fails its checks. ``servers`` caches
     decoded server names.
     """
-    unpack_header = _HEADER.unpack_from
-    unpack_body = _BODY.unpack_from
+    # The hot loop of a drain: one unpack for the header and the body's fixed part.
+    unpack = _HEAD.unpack_from
     crc32 = zlib.crc32
     view = memoryview(buf)
     end = len(buf)
     events: list[SpilledEvent] = []
     ends: list[int] = []
-    while len(events) < limit and pos + _HEADER.size <= end:
-        length, crc = unpack_header(buf, pos)
+    count = 0
+    while count < limit and pos + HEAD_SIZE <= end:
+        length, crc, received_at, key_length, server_length = unpack(buf, pos)
         start = pos + _HEADER.size
         stop = start + length
         if length < _BODY.size or length > MAX_BODY:
@@ -243,7 +245,6 @@ def decode_records(
             break
         if crc32(view[start:stop]) != crc:
             raise CorruptRecord(pos)
-        received_at, key_length, server_length = unpack_body(buf, start)
         server_at = start + _BODY.size + key_length
         raw_at = server_at + server_length
         if raw_at > stop:
@@ -256,6 +257,7 @@ def decode_records(
         events.append(SpilledEvent(key, server, received_at, buf[raw_at:stop]))
         ends.append(stop)
         pos = stop
+        count += 1
     return events, ends
 
 
