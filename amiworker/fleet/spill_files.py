@@ -156,20 +156,21 @@ def lock_slot(base: Path, slot: int) -> tuple[Path, int]:
     """
     for alternate in range(MAX_ALTERNATES):
         path = base / (f"slot-{slot}" if alternate == 0 else f"slot-{slot}.{alternate}")
+        fd = -1
         try:
             path.mkdir(parents=True, exist_ok=True)
             fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise SpillDirError(f"spill directory {path} cannot be used: {exc.strerror}") from None
-        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # For an operator wondering who has the slot: only a hint, the lock decides.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return path, fd
         except BlockingIOError:
-            os.close(fd)
-            continue
-        # For an operator wondering who has the slot: only a hint, the lock decides.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return path, fd
+            os.close(fd)  # a live process holds it
+        except OSError as exc:  # not writable, or no flock here (some network file systems)
+            if fd >= 0:
+                os.close(fd)
+            raise SpillDirError(f"spill directory {path} cannot be used: {exc.strerror}") from None
     raise SpillDirError(
         f"spill_dir {base}: slot-{slot} and its {MAX_ALTERNATES - 1} alternates are all held "
         "by live processes"
