@@ -249,6 +249,9 @@ def test_recovery_after_close_and_reopen(spill_dir: Path) -> None:
         assert spill.oldest_received_at == event(30).received_at
         spill.append(events(100, 120))  # behind what was there
         assert drain(spill, 33) == events(30, 120)
+    spill.close()  # again: nothing to do
+    with pytest.raises(ValueError, match="closed"):
+        spill.read(1)
     with open_spill(spill_dir) as spill:
         assert spill.events == 0 and spill.read(10) == []
 

@@ -28,10 +28,13 @@ What a failure costs:
 * A power loss or kernel crash can cost what was appended since the last
   ``fdatasync``: the spill syncs on the first ``append`` or ``commit`` at
   least ``sync_interval`` seconds (default 1) after the previous sync, and on
-  ``close`` (Linux writes dirty pages back within about 30 s on its own).
-  Commits since the last sync may be read again: claimed twice, which a claim
-  tolerates. A record left half-written fails its CRC and is dropped, never
-  misread.
+  ``close`` (Linux writes dirty pages back within about 30 s on its own; an
+  owner may also call :meth:`Spill.sync` on a timer). Commits since the last
+  sync may be read again: claimed twice, which a claim tolerates. A record
+  left half-written fails its CRC and is dropped, never misread.
+
+:meth:`Spill.open` checks the CRC of every record left in the slot: about
+1.3 ms per MB on the development VM (bench/spill.py), some 1.4 s for a full 1 GiB.
 
 Threading: every method may block on the disk and none is thread-safe. The
 owner calls them all from one thread of its own (a single-thread executor),
