@@ -3,7 +3,9 @@
 Each event gets a real :class:`~amiworker.fleet.dispatch.HandlerContext`:
 
 - ``ctx.db``: an in-memory MongoDB database (mongomock-motor), the same for
-  every run of this harness (:attr:`Harness.db`);
+  every run of this harness (:attr:`Harness.db`); asynchronous, as a worker's:
+  a plain function handler that touches it (or ``ctx.ami``) gets a
+  RuntimeError saying so, where a worker would silently do nothing;
 - ``ctx.ami``: a :class:`~amiworker.testing.fakeami.RecordingAMI` that records
   every action and answers ``Success`` unless told otherwise (:attr:`Harness.ami`);
   None with ``ami_connected=False``, as while a worker reconnects, or in a replay;
@@ -24,6 +26,7 @@ orders a fleet allows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -117,6 +120,42 @@ class HandlerRun:
 
 #: Called after each handler run with the run and the database it ran against.
 Observer = Callable[[HandlerRun, Any], Awaitable[None]]
+
+
+class _LoopOnly:
+    """``ctx.db`` and ``ctx.ami`` as handlers get them: the same object, except that a
+    plain function handler (run in a thread, with no event loop) may not use it.
+
+    In a worker such a handler's ``ctx.db["x"].update_one(...)`` makes a coroutine
+    nobody awaits, and silently writes nothing; here it raises, naming the cure.
+    """
+
+    __slots__ = ("_target", "_what")
+
+    def __init__(self, target: Any, what: str) -> None:
+        self._target = target
+        self._what = what
+
+    def _check(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self._what} is asynchronous, and this handler is a plain function, run in "
+                "a thread with no event loop: it cannot await it (nothing would happen). Make "
+                "the handler async def, or give it a synchronous client of its own"
+            ) from None
+
+    def __getattr__(self, name: str) -> Any:
+        self._check()
+        return getattr(self._target, name)
+
+    def __getitem__(self, name: str) -> Any:
+        self._check()
+        return self._target[name]
+
+    def __repr__(self) -> str:
+        return repr(self._target)
 
 
 class _Records(logging.Handler):
@@ -261,8 +300,8 @@ class Harness:
         worker = worker_id or self.worker_id
         ctx = HandlerContext(
             server=self.server,
-            ami=ami,
-            db=db,
+            ami=None if ami is None else _LoopOnly(ami, "ctx.ami"),
+            db=_LoopOnly(db, "ctx.db"),
             worker_id=worker,
             log=logging.LoggerAdapter(
                 log or self.logger, {"worker_id": worker, "server": self.server}
