@@ -54,6 +54,7 @@ def add_command(commands: Any) -> None:
         "--calls",
         type=int,
         default=CAPTURE_CALLS,
+        metavar="N",
         help=f"sample calls to run (default {CAPTURE_CALLS}, those of the bundled capture; "
         "more repeat them with new ids)",
     )
