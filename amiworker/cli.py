@@ -28,6 +28,7 @@ from amiworker.flags import (
 )
 from amiworker.ops.commands import add_commands as add_operator_commands
 from amiworker.settings import SettingsError
+from amiworker.testing.command import add_command as add_test_handlers_command
 
 __all__ = ["main"]
 
@@ -107,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_operator_commands(commands)
+    add_test_handlers_command(commands)
     return parser
 
 
 _COMMANDS = {"run", "check", "simulate", "demo", "events", "call", "replay", "status", "retry"}
+_COMMANDS |= {"test-handlers"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

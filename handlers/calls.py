@@ -13,45 +13,55 @@ Copy it, change it. It shows the two rules every amiworker handler must keep:
 
 The summary fields (``end``, ``duration``, the hangup cause...) depend on
 several events at once, so each handler then recomputes them from the
-recorded facts and writes them only if no other event was recorded meanwhile
-(compare-and-set on ``version``). Whichever handler records the last fact of
-a call also writes its final summary.
+recorded facts and writes them only if no other fact was recorded meanwhile
+(compare-and-set on the facts themselves: they only grow, so the sizes of the
+sets and the minimums tell). Whichever handler records the last fact of a
+call also writes its final summary, and a re-run, which records nothing new,
+writes nothing: no counter of runs or writes, whose value would depend on
+how often and in which order the handlers ran.
 
 A ``calls`` document (``_id`` is the call's Linkedid)::
 
     {_id, server, start, answer, end, duration, channels, hangup_cause,
      hangup_cause_txt, active_channels,                       # the summary
-     channel_ids, channel_names, newchannel_us, up_us, hangups, version}  # facts
+     channel_ids, channel_names, newchannel_us, up_us, hangups}  # the facts
 
 ``start`` is the first Newchannel, ``answer`` the first channel going Up
 (Newstate, ChannelState 6), ``end`` the last Hangup once every channel seen
 has hung up, ``duration`` = end - start in seconds, and the cause is that of
 the last channel to hang up. Times come from the events' ``Timestamp``
-header: enable ``timestampevents=yes`` in manager.conf, or they are the time
-of handling, which depends on the order events were handled in.
+header: enable ``timestampevents=yes`` in manager.conf. An event without one
+records its facts but no time (never the time of handling: a re-run, or
+another order, would record another), so such calls have no start, answer,
+end or duration.
+
+``amiworker test-handlers handlers.calls`` checks both rules on real calls;
+tests/test_calls_handler.py does the same with ``amiworker.testing``.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from amiworker import HandlerContext, Message
+from amiworker.timeparse import timestamp_micros
 
 COLLECTION = "calls"
+SETS = ("channel_ids", "channel_names", "hangups")  # facts that only gain elements
+MINIMUMS = ("newchannel_us", "up_us")  # facts that only decrease
 CHANNEL_UP = "6"  # ChannelState of Newstate; the number, unlike "Up", is not localised
 
 
 async def NewchannelHandler(ctx: HandlerContext, event: Message) -> None:
-    await _record(ctx, event, {"$min": {"newchannel_us": _micros(event)}})
+    await _record(ctx, event, _earliest("newchannel_us", event))
 
 
 async def NewstateHandler(ctx: HandlerContext, event: Message) -> None:
     if event.get("ChannelState") != CHANNEL_UP:
         await _record(ctx, event, {})
         return
-    await _record(ctx, event, {"$min": {"up_us": _micros(event)}})
+    await _record(ctx, event, _earliest("up_us", event))
 
 
 async def HangupHandler(ctx: HandlerContext, event: Message) -> None:
@@ -89,16 +99,11 @@ async def _record(ctx: HandlerContext, event: Message, update: dict[str, Any]) -
                 "channel_ids": [],
                 "channel_names": [],
                 "hangups": [],
-                "version": 0,
             }
         },
         upsert=True,
     )
-    update = {
-        **update,
-        "$addToSet": {**update.get("$addToSet", {}), **channel},
-        "$inc": {"version": 1},  # tells the summary writers that a fact was added
-    }
+    update = {**update, "$addToSet": {**update.get("$addToSet", {}), **channel}}
     await calls.update_one({"_id": linkedid}, update)
     await _summarise(calls, linkedid)
 
@@ -106,7 +111,10 @@ async def _record(ctx: HandlerContext, event: Message, update: dict[str, Any]) -
 async def _summarise(calls: Any, linkedid: str) -> None:
     """Recompute the summary from the facts; write it unless newer facts came in.
 
-    If the replace matches nothing, another event of this call was recorded
+    The replace matches only while the facts are as read: every set of the
+    same size, every minimum the same (an absent one matches None); as facts
+    only grow, the document is then the one read, and replacing it loses
+    nothing. If it matches nothing, another event of this call was recorded
     after our read; its handler writes the summary from the newer facts.
     """
     doc = await calls.find_one({"_id": linkedid})
@@ -115,7 +123,12 @@ async def _summarise(calls: Any, linkedid: str) -> None:
     summary = summarise(doc)
     if all(doc.get(field) == value for field, value in summary.items()):
         return
-    await calls.replace_one({"_id": linkedid, "version": doc["version"]}, {**doc, **summary})
+    unchanged = {
+        "_id": linkedid,
+        **{name: {"$size": len(doc.get(name, []))} for name in SETS},
+        **{name: doc.get(name) for name in MINIMUMS},
+    }
+    await calls.replace_one(unchanged, {**doc, **summary})
 
 
 def summarise(doc: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +138,7 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     active = set(doc.get("channel_ids", [])) - hung_up
     ended = bool(hangups) and not active
     start = doc.get("newchannel_us")
-    last = max(hangups, key=lambda h: (h["ts_us"], h["uniqueid"])) if ended else None
+    last = max(hangups, key=_hangup_order) if ended else None
     end = last["ts_us"] if last else None
     return {
         "start": _datetime(start),
@@ -139,17 +152,26 @@ def summarise(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _micros(event: Message) -> int:
-    """The event's Timestamp (``1795675581.052545``) in whole microseconds.
+def _micros(event: Message) -> int | None:
+    """The event's Timestamp (``1795675581.052545``) in whole microseconds; None without one.
 
     An integer, parsed without a float: exact, so that a re-run adds the very
     same value, and finer than BSON dates, which hold milliseconds (the two
     channels of a call often hang up within the same millisecond).
     """
-    seconds, _, fraction = (event.get("Timestamp") or "").partition(".")
-    if seconds.isdigit() and (fraction.isdigit() or not fraction):
-        return int(seconds) * 1_000_000 + int(fraction[:6].ljust(6, "0"))
-    return time.time_ns() // 1000
+    return timestamp_micros(event.get("Timestamp"))
+
+
+def _earliest(field: str, event: Message) -> dict[str, Any]:
+    """``$min`` of the event's time into ``field``; nothing for an event without a time."""
+    micros = _micros(event)
+    return {} if micros is None else {"$min": {field: micros}}
+
+
+def _hangup_order(hangup: dict[str, Any]) -> tuple[bool, int, str]:
+    """The last hangup is the latest; hangups without a time come before any with one."""
+    ts_us = hangup.get("ts_us")
+    return (ts_us is not None, ts_us or 0, str(hangup.get("uniqueid")))
 
 
 def _datetime(micros: int | None) -> datetime | None:

@@ -46,6 +46,11 @@ def test_the_wheel_holds_every_subpackage_and_installs(tmp_path: Path) -> None:
     assert len(packages) >= 6
     missing = [name for name in packages if name not in names]
     assert not missing
+    # The capture sample_calls() reads, and the pytest plugin's entry point.
+    assert "amiworker/testing/data/asterisk22-20-calls.txt" in names
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[pytest11]" in declared and "amiworker.testing.pytest_plugin" in declared
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
@@ -78,3 +83,16 @@ def test_the_wheel_holds_every_subpackage_and_installs(tmp_path: Path) -> None:
     )
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == "amiworker.ami.connection"
+    sampled = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "from amiworker.testing import sample_calls; print(len(sample_calls(2)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.strip() == "70"  # read from the installed wheel's data

@@ -292,8 +292,9 @@ def _location(exc: BaseException) -> str | None:
     return f"{_display_path(frame.filename)}:{frame.lineno}"
 
 
-# amiworker's own frames are never the place to look, even in an editable install.
-_PACKAGE_DIR: Final = os.path.dirname(os.path.realpath(__file__))
+# amiworker's own frames are never the place to look, even in an editable install:
+# the package's, not only this part's (an AMI helper raising is not the culprit).
+_PACKAGE_DIR: Final = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
 def _is_user_code(filename: str) -> bool:
