@@ -20,6 +20,7 @@ current_server: ContextVar[str] = ContextVar("amiworker_server", default="-")
 
 _worker_id = "-"
 _secrets: set[str] = set()
+_masked_in_order: tuple[str, ...] = ()
 _MASK = "***"
 
 
@@ -32,11 +33,16 @@ def register_secret(secret: str | None) -> None:
     """Mask ``secret`` wherever it would appear in a log line."""
     # Very short values would mask ordinary words; settings require real secrets.
     if secret and len(secret) >= 4:
-        _secrets.add(secret)
+        # Also as a repr (%r of a string or an exception) or JSON would write it,
+        # where a quote or backslash in it comes out escaped.
+        _secrets.update({secret, repr(secret)[1:-1], json.dumps(secret)[1:-1]})
+        global _masked_in_order
+        # Longest first: a secret's escaped form contains the plain one's pieces.
+        _masked_in_order = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def _scrub(text: str) -> str:
-    for secret in _secrets:
+    for secret in _masked_in_order:
         if secret in text:
             text = text.replace(secret, _MASK)
     return text
@@ -62,17 +68,19 @@ class _TextFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # Masked before encoding: json.dumps escapes a secret's '"' or '\\', after
+        # which the secret as configured no longer appears in the line to be masked.
         entry = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "worker": getattr(record, "worker", _worker_id),
-            "server": getattr(record, "server", "-"),
-            "msg": record.getMessage(),
+            "worker": _scrub(str(getattr(record, "worker", _worker_id))),
+            "server": _scrub(str(getattr(record, "server", "-"))),
+            "msg": _scrub(record.getMessage()),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return _scrub(json.dumps(entry, ensure_ascii=False))
+            entry["exc"] = _scrub(self.formatException(record.exc_info))
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def configure(level: str = "INFO", fmt: str = "text", worker_id: str | None = None) -> None:

@@ -253,3 +253,35 @@ async def test_invalid_settings_holding_a_secret_are_reported_without_it(
     code, printed = await run_command(["check"], env, app_dir)
     assert code != 0 and printed.strip()
     assert_no_secret(printed, f"amiworker check with a bad {setting}")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_secrets_with_quotes_and_backslashes_are_masked_in_both_formats(
+    fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret with ``"`` or ``\\`` is escaped by JSON encoding: it must be masked
+    before, or the escaped form reaches the line in clear."""
+    from amiworker import logs
+
+    secrets = ['qu"ote-S3cret', "back\\slash-S3cret", 'both\\"-S3cret']
+    for secret in secrets:
+        logs.register_secret(secret)
+    logs.configure("DEBUG", fmt, "w-test")
+    log = logging.getLogger("amiworker.test")
+    try:
+        for secret in secrets:
+            log.debug("login with %s failed", secret, extra={"server": f"pbx {secret}"})
+            try:
+                raise ValueError(f"refused {secret}")
+            except ValueError:
+                log.exception("while using %r", secret)
+    finally:
+        logging.getLogger().handlers.clear()
+    err = capsys.readouterr().err
+    assert err.count("***") >= 3 * len(secrets)
+    for line in err.splitlines():
+        if fmt == "json" and line.startswith("{"):
+            json.loads(line)  # still valid JSON
+    for secret in secrets:
+        for form in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]):
+            assert form not in err, f"{form!r} in {err}"
