@@ -142,8 +142,10 @@ async def add_workers(database: Any) -> None:
                 "handled": 590,
                 "failed": 3,
                 "dropped": 0,
+                "rejected": 2,
             },
             "queue_depth": 7,
+            "backlog": 5,
         }
     )
     # Inserted rather than upserted: the stale heartbeat must keep its old date.

@@ -227,6 +227,29 @@ async def test_check_reports_versions_and_timestamps_with_secrets_masked(
     assert '"secret": "**********"' in result.stdout or "***" in result.stdout
 
 
+async def test_check_fails_for_a_pbx_without_timestamps_unless_allowed(
+    workdir: Path, mongo_server: EmbeddedMongo
+) -> None:
+    async with FakePBX(username="admin", secret=AMI_SECRET, port=0, timestamp_events=False) as pbx:
+        env = {
+            "AMIWORKER_SERVERS": servers(pbx.port),
+            "AMIWORKER_MONGO_URI": mongo_server.uri,
+            "AMIWORKER_HANDLERS": "quiet",
+            "AMIWORKER_APP_DIR": str(workdir / "app"),
+        }
+        refused = await _run_async("check", env=env, cwd=workdir)
+        allowed = await _run_async(
+            "check", env={**env, "AMIWORKER_ALLOW_NO_TIMESTAMPS": "true"}, cwd=workdir
+        )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    (line,) = [line for line in refused.stdout.splitlines() if "no Timestamp" in line]
+    assert line.startswith("FAIL") and "timestampevents=yes" in line
+    assert "allow_no_timestamps" in line
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    (line,) = [line for line in allowed.stdout.splitlines() if "no Timestamp" in line]
+    assert line.startswith("warn")
+
+
 async def test_check_with_a_wrong_secret(workdir: Path, mongo_server: EmbeddedMongo) -> None:
     async with FakePBX(
         username="admin", secret="the-real-one", port=0, login_failure_delay=0.1

@@ -30,6 +30,8 @@ from amiworker.fleet.locktable import LockTable
 from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
 from amiworker.ops.filters import event_order
+from amiworker.ops.query import WorkerStatus
+from amiworker.ops.render import fleet_warnings
 from amiworker.sim.pbx import FakePBX
 from tests.fleet_plugin import CHANNEL_EVENTS_PER_CALL, FleetRun
 from tests.log_plugin import (
@@ -254,11 +256,11 @@ def test_status_marks_stale_workers(capsys: pytest.CaptureFixture[str], log: lis
     header, live, stale, stopped, summary = out.splitlines()
     assert header.split() == [
         "WORKER", "HOST", "PID", "PBXS", "SEEN", "WON", "LOST", "HANDLED", "FAILED", "DROPPED",
-        "QUEUE", "HEARTBEAT",
+        "REJECTED", "QUEUE", "BACKLOG", "HEARTBEAT",
     ]  # fmt: skip
     assert live.startswith(LIVE_WORKER) and "pbx1 up, pbx2 DOWN" in live
-    # SEEN WON LOST HANDLED FAILED DROPPED QUEUE, then "0.2 s ago"
-    assert live.split()[-10:-3] == ["1234", "600", "610", "590", "3", "0", "7"]
+    # SEEN WON LOST HANDLED FAILED DROPPED REJECTED QUEUE BACKLOG, then "0.2 s ago"
+    assert live.split()[-12:-3] == ["1234", "600", "610", "590", "3", "0", "2", "7", "5"]
     assert live.endswith("s ago") and "STALE" not in live
     assert stale.startswith(STALE_WORKER) and stale.endswith("days ago  STALE")
     assert stopped.startswith(STOPPED_WORKER) and stopped.endswith("days ago  (stopped)")
@@ -271,6 +273,26 @@ def test_status_marks_stale_workers(capsys: pytest.CaptureFixture[str], log: lis
     assert rows[LIVE_WORKER]["counters"]["races_lost"] == 610
     assert rows[LIVE_WORKER]["servers"]["pbx2"]["connected"] is False
     assert 0 <= rows[LIVE_WORKER]["heartbeat_age"] < 10
+    assert rows[LIVE_WORKER]["backlog"] == 5
+
+
+def test_status_warns_of_mixed_handler_sets_and_missing_timestamps() -> None:
+    def worker(wid: str, handlers: tuple[str, ...], stamped: bool = True) -> WorkerStatus:
+        servers = {"pbx1": {"connected": True, "timestamps": stamped}}
+        return WorkerStatus(
+            wid, "running", "h", 1, servers, {}, 0, None, None, 0.1, False, 0, handlers
+        )
+
+    same = [worker("w1", ("Hangup", "Newchannel")), worker("w2", ("Newchannel", "Hangup"))]
+    assert fleet_warnings(same) == []
+    mixed = [*same, worker("w3", ("Hangup",), stamped=False)]
+    handlers, stamps = fleet_warnings(mixed)
+    assert "different handler sets" in handlers and "amiworker replay" in handlers
+    assert "w3 handle Hangup" in handlers and "w1, w2 handle Hangup, Newchannel" in handlers
+    assert stamps.startswith("pbx1 send(s) events without a Timestamp")
+    # A stopped or stale worker's set does not count: it is not deciding anything.
+    gone = WorkerStatus("w4", "stopped", "h", 1, {}, {}, 0, None, None, 99, False, 0, ("X",))
+    assert fleet_warnings([*same, gone]) == []
 
 
 # -- retry and replay: on a log of their own --------------------------------------------------

@@ -146,13 +146,19 @@ async def _check_pbx(settings: Settings, server: ServerSettings) -> int:
             return 0
         if "Timestamp" in event:
             _say(True, f"PBX {server.name}: events carry a Timestamp")
-        else:
-            _say(
-                None,
-                f"PBX {server.name}: events carry no Timestamp: set "
-                "timestampevents=yes in manager.conf [general] (see deploy/manager.conf)",
-            )
-        return 0
+            return 0
+        # Without it, an event byte-identical to one stored more than dedup_window
+        # ago (a repeated VarSet) gets the stored _id: every worker loses the race
+        # and it is never stored nor handled.
+        allowed = settings.allow_no_timestamps
+        _say(
+            None if allowed else False,
+            f"PBX {server.name}: events carry no Timestamp, so a repeated identical event "
+            "can be missed: set timestampevents=yes in manager.conf [general] (see "
+            "deploy/manager.conf)"
+            + ("; allowed by allow_no_timestamps" if allowed else ", or allow_no_timestamps"),
+        )
+        return 0 if allowed else 1
     finally:
         try:
             await conn.logoff()

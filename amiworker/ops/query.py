@@ -116,6 +116,8 @@ class WorkerStatus:
     last_seen: datetime | None
     age: float | None  # seconds since the last heartbeat, by the MongoDB server's clock
     stale: bool  # running, but no heartbeat within the lease: its events get taken over
+    backlog: int | None = None  # events held for its handlers (queued or running)
+    handlers: tuple[str, ...] | None = None  # the events it has handlers for
 
 
 # -- the API ---------------------------------------------------------------------------------
@@ -416,6 +418,8 @@ def _worker_status(row: Mapping[str, Any], now: datetime, lease: float) -> Worke
     counters = row.get("counters") or {}
     pid = row.get("pid")
     depth = row.get("queue_depth")
+    backlog = row.get("backlog")
+    handlers = row.get("handlers")
     state = str(row.get("state") or "running")
     return WorkerStatus(
         worker_id=str(row["_id"]),
@@ -429,4 +433,6 @@ def _worker_status(row: Mapping[str, Any], now: datetime, lease: float) -> Worke
         last_seen=last_seen,
         age=age,
         stale=state != "stopped" and (age is None or age > lease),
+        backlog=int(backlog) if isinstance(backlog, int | float) else None,
+        handlers=tuple(str(h) for h in handlers) if isinstance(handlers, list) else None,
     )

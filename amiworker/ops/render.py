@@ -215,6 +215,7 @@ _COUNTER_COLUMNS: Final = (
     ("HANDLED", "handled"),
     ("FAILED", "failed"),
     ("DROPPED", "dropped"),
+    ("REJECTED", "rejected"),
 )
 
 
@@ -223,7 +224,10 @@ def _pbxs(servers: Any) -> str:
         parts = []
         for name, status in sorted(servers.items()):
             up = status.get("connected") if isinstance(status, Mapping) else bool(status)
-            parts.append(f"{name} {'up' if up else 'DOWN'}")
+            unstamped = isinstance(status, Mapping) and status.get("timestamps") is False
+            parts.append(
+                f"{name} {'up' if up else 'DOWN'}" + (" NO-TIMESTAMP" if unstamped else "")
+            )
         return ", ".join(parts) or "-"
     if isinstance(servers, list | tuple):
         return ", ".join(str(server) for server in servers) or "-"
@@ -246,7 +250,15 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
     if not workers:
         print("no worker has reported (the workers collection is empty)", file=out)
         return
-    header = ("WORKER", "HOST", "PID", "PBXS", *(c for c, _ in _COUNTER_COLUMNS), "QUEUE")
+    header = (
+        "WORKER",
+        "HOST",
+        "PID",
+        "PBXS",
+        *(c for c, _ in _COUNTER_COLUMNS),
+        "QUEUE",
+        "BACKLOG",
+    )
     rows: list[tuple[str, ...]] = [(*header, "HEARTBEAT")]
     for worker in workers:
         counters = tuple(str(worker.counters.get(field, 0)) for _, field in _COUNTER_COLUMNS)
@@ -261,6 +273,7 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
                 _pbxs(worker.servers),
                 *counters,
                 "-" if worker.queue_depth is None else str(worker.queue_depth),
+                "-" if worker.backlog is None else str(worker.backlog),
                 heartbeat,
             )
         )
@@ -271,6 +284,43 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
     if stale:
         notes.append(f"{stale} STALE (no heartbeat within the {lease:g} s lease)")
     print(f"{len(workers)} worker(s)" + "".join(f", {note}" for note in notes), file=out)
+    for warning in fleet_warnings(workers):
+        print(f"WARNING: {warning}", file=out)
+
+
+def fleet_warnings(workers: Sequence[WorkerStatus]) -> list[str]:
+    """What an operator must act on, from the live workers' rows."""
+    live = [w for w in workers if w.state != "stopped" and not w.stale]
+    warnings = []
+    sets: dict[tuple[str, ...], list[str]] = {}
+    for worker in live:
+        if worker.handlers is not None:
+            sets.setdefault(tuple(sorted(worker.handlers)), []).append(worker.worker_id)
+    if len(sets) > 1:
+        described = "; ".join(
+            f"{', '.join(ids)} handle {', '.join(handlers) or 'no event'}"
+            for handlers, ids in sorted(sets.items(), key=lambda item: item[1])
+        )
+        warnings.append(
+            "the live workers have different handler sets (a deploy in progress?): "
+            f"{described}. Events won by a worker without a handler are stored done and "
+            "skip it: finish the deploy, then `amiworker replay` the gap"
+        )
+    unstamped = sorted(
+        {
+            name
+            for worker in live
+            if isinstance(worker.servers, Mapping)
+            for name, status in worker.servers.items()
+            if isinstance(status, Mapping) and status.get("timestamps") is False
+        }
+    )
+    if unstamped:
+        warnings.append(
+            f"{', '.join(unstamped)} send(s) events without a Timestamp: a repeated identical "
+            "event can be missed; set timestampevents = yes in manager.conf [general]"
+        )
+    return warnings
 
 
 def worker_json(worker: WorkerStatus) -> str:
