@@ -1,0 +1,260 @@
+"""Deploys, store freezes and dying loops cost seconds, and lose nothing.
+
+Real processes throughout: simulated PBXs, ``amiworker --workers N`` (two of
+them, as two hosts, for the rolling deploy), nx-27017. Each test checks the log
+against what the simulators recorded sending, and the handler runs against
+what was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import MongoClient
+
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.processes import FleetProcess, SimulatorProcess
+from tests.fleet_plugin import RECORDING_HANDLERS, channel_keys, read_invocations, wait_connected
+from tests.test_resilience import calls_finished, set_rate
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+SLOW_HANGUP = 9.0  # seconds a Hangup handler takes in the rolling deploy
+
+QUICK = {
+    "AMIWORKER_HEARTBEAT_INTERVAL": "0.5",
+    "AMIWORKER_RECONNECT_MIN": "0.1",
+    "AMIWORKER_RECONNECT_MAX": "1",
+    "AMIWORKER_CONNECT_TIMEOUT": "2",
+}
+
+
+def app(tmp_path: Path, extra: str = "") -> tuple[Path, Path]:
+    """The recording handlers (one line per run, see tests/fleet_plugin.py), plus ``extra``."""
+    app_dir, record_dir = tmp_path / "app", tmp_path / "record"
+    app_dir.mkdir()
+    record_dir.mkdir()
+    (app_dir / "recording.py").write_text(RECORDING_HANDLERS + textwrap.dedent(extra))
+    return app_dir, record_dir
+
+
+def fleet(
+    workdir: Path,
+    simulators: list[SimulatorProcess],
+    uri: str,
+    database: str,
+    workers: int,
+    app_dirs: tuple[Path, Path],
+    **env: str,
+) -> FleetProcess:
+    app_dir, record_dir = app_dirs
+    return FleetProcess(
+        workdir,
+        servers=[s.server_setting() for s in simulators],
+        mongo_uri=uri,
+        database=database,
+        workers=workers,
+        handlers=["recording"],
+        app_dir=app_dir,
+        extra_env={"RECORD_DIR": str(record_dir), **QUICK, **env},
+    ).start()
+
+
+def runs_per_key(record_dir: Path) -> Counter[str]:
+    return Counter(r.key for r in read_invocations(record_dir) if not r.key.startswith("local:"))
+
+
+async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_lease(
+    tmp_path: Path, mongo_server: EmbeddedMongo
+) -> None:
+    """Two hosts of 2 workers, restarted one after the other with SIGTERM during calls,
+    with a Hangup handler that takes 9 s. The lease is 120 s: an event that waited
+    for one would miss the deadline by far."""
+    slow = f"""
+        import asyncio
+
+        async def HangupHandler(ctx, event):
+            _record(ctx, event)  # recorded as it starts: a second start is a second run
+            await asyncio.sleep({SLOW_HANGUP})
+    """
+    app_dirs = app(tmp_path, slow)
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
+    env = {"AMIWORKER_LEASE": "120", "AMIWORKER_SHUTDOWN_TIMEOUT": "15"}
+    uri, database = mongo_server.uri, "rolling"
+    hosts = [
+        fleet(tmp_path / f"host{n}", [simulator], uri, database, 2, app_dirs, **env) for n in "ab"
+    ]
+    db: Any = MongoClient(uri)[database]
+    try:
+        await asyncio.to_thread(wait_connected, db, 4, ["pbx1"])
+        set_rate([simulator], 2)
+        await asyncio.sleep(4)  # calls under way, slow Hangup handlers running
+        for n, host in enumerate(hosts):
+            stopped_at = time.monotonic()
+            assert await asyncio.to_thread(host.stop, 60) == 0
+            stop_took = time.monotonic() - stopped_at
+            # A graceful stop lets running handlers finish: it outlasts a slow one, no more.
+            assert stop_took < SLOW_HANGUP + 8, stop_took
+            hosts[n] = fleet(host.workdir, [simulator], uri, database, 2, app_dirs, **env)
+            await asyncio.to_thread(wait_connected, db, 4, ["pbx1"])
+            await asyncio.sleep(2)
+        set_rate([simulator], 0)
+        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
+        sent = channel_keys(simulator)
+        deadline = SLOW_HANGUP + 20
+        await wait_for(
+            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+            deadline,
+            f"every channel event done within {deadline:g} s of the last call (lease: 120 s)",
+            interval=0.25,
+        )
+        for host in hosts:
+            assert host.stop(60) == 0
+    finally:
+        for host in hosts:
+            if host.process and host.process.poll() is None:
+                host.process.kill()
+        simulator.stop()
+
+    stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
+    assert sorted(stored) == sorted(sent), "each channel event stored once, none missing"
+    runs = runs_per_key(app_dirs[1])
+    assert set(runs) == set(sent), "every channel event handled"
+    twice = {key: n for key, n in runs.items() if n > 1}
+    assert not twice, f"{len(twice)} event(s) ran more than once"
+    logs = "".join(host.log_text() for host in hosts)
+    assert "from a dead worker" not in logs  # nothing waited for a lease to be taken over
+    released = sum(map(int, re.findall(r"released (\d+) unstarted event", logs)))
+    print(
+        f"\nrolling deploy: {len(sent)} channel events, {sum(runs.values())} runs, none twice; "
+        f"{released} unstarted event(s) released by stopping workers and run elsewhere"
+    )
+
+
+async def test_a_frozen_store_is_one_outage_each_way_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """nx-27017 stopped with SIGSTOP for 20 s: it accepts connections and answers
+    nothing, as a store that lost its majority does. Every call has a deadline."""
+    mongo = EmbeddedMongo(tmp_path / "mongo").start()
+    app_dirs = app(tmp_path)
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
+    env = {"AMIWORKER_LEASE": "5", "AMIWORKER_STORE_TIMEOUT": "3"}
+    host = fleet(tmp_path / "fleet", [simulator], mongo.uri, "freeze", 2, app_dirs, **env)
+    client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri, serverSelectionTimeoutMS=30000)
+    db: Any = client["freeze"]
+    try:
+        await asyncio.to_thread(wait_connected, db, 2, ["pbx1"])
+        workers = sorted(host.worker_pids())
+        set_rate([simulator], 5)
+        await wait_for(lambda: db.events.estimated_document_count() > 200, 60, "events stored")
+        assert mongo.pid is not None
+        os.kill(mongo.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(20)  # the freeze: calls go on, events must be held
+        finally:
+            os.kill(mongo.pid, signal.SIGCONT)
+        await asyncio.sleep(2)  # calls after the thaw
+        set_rate([simulator], 0)
+        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
+        sent = channel_keys(simulator)
+        await wait_for(
+            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+            60,
+            "every channel event done after the thaw",
+            interval=0.25,
+        )
+        assert sorted(host.worker_pids()) == workers, "no worker died or was restarted"
+        assert host.stop() == 0
+    finally:
+        if host.process and host.process.poll() is None:
+            host.process.kill()
+        simulator.stop()
+        client.close()
+        mongo.stop()
+
+    log = host.log_text()
+    lost = [line for line in log.splitlines() if "holding events meanwhile" in line]
+    back = [line for line in log.splitlines() if "MongoDB is back after" in line]
+    assert len(lost) == 2 and len(back) == 2, "one line each way, per worker:\n" + log[-4000:]
+    assert all("timed out" in line.lower() or "unreachable" in line for line in lost), lost
+    assert "ended unexpectedly" not in log
+    # Nothing lost, and nothing handled twice: no live worker was taken for dead.
+    mongo.start()
+    try:
+        stored = [d["_id"] for d in MongoClient(mongo.uri)["freeze"].events.find({}, {"_id": 1})]
+    finally:
+        mongo.stop()
+    assert sorted(stored) == sorted(sent)
+    runs = runs_per_key(app_dirs[1])
+    assert set(runs) == set(sent) and max(runs.values()) == 1
+    print(f"\nstore freeze: {len(sent)} channel events, {lost[0].split(' ERROR')[0]} .. back")
+
+
+async def test_a_dying_loop_ends_the_worker_which_is_restarted_and_loses_nothing(
+    tmp_path: Path, mongo_server: EmbeddedMongo
+) -> None:
+    """A bug in a worker loop, injected through a handler module (imported in every
+    worker): the heartbeat raises once, in one worker. That worker must not linger
+    half alive: it logs the traceback and exits non-zero; the supervisor restarts it."""
+    fault = tmp_path / "die-once"
+    fault.write_text("")
+    inject = f"""
+        import pathlib
+
+        from amiworker.fleet.heartbeat import Heartbeat
+
+        _beat = Heartbeat.beat_once
+        _FAULT = pathlib.Path({str(fault)!r})
+
+        async def _faulty(self):
+            try:
+                _FAULT.unlink()  # one worker, once
+            except FileNotFoundError:
+                return await _beat(self)
+            raise RuntimeError("injected fault in the heartbeat loop")
+
+        Heartbeat.beat_once = _faulty
+    """
+    app_dirs = app(tmp_path, inject)
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
+    uri = mongo_server.uri
+    host = fleet(tmp_path / "fleet", [simulator], uri, "loop", 2, app_dirs, AMIWORKER_LEASE="4")
+    db: Any = MongoClient(uri)["loop"]
+    try:
+        await wait_for(lambda: "died with status 3" in host.log_text(), 30, "the worker to exit")
+        await asyncio.to_thread(wait_connected, db, 2, ["pbx1"])
+        set_rate([simulator], 5)
+        await asyncio.sleep(3)
+        set_rate([simulator], 0)
+        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
+        sent = channel_keys(simulator)
+        await wait_for(
+            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+            60,
+            "every channel event done",
+            interval=0.25,
+        )
+        assert host.stop() == 0
+    finally:
+        if host.process and host.process.poll() is None:
+            host.process.kill()
+        simulator.stop()
+
+    log = host.log_text()
+    assert "the heartbeat loop of this worker ended unexpectedly" in log
+    assert "RuntimeError: injected fault in the heartbeat loop" in log
+    assert "Traceback (most recent call last)" in log
+    stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
+    assert sorted(stored) == sorted(sent)
+    assert set(runs_per_key(app_dirs[1])) == set(sent)
