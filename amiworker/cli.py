@@ -26,6 +26,7 @@ from amiworker.flags import (
     load_settings,
     register_secrets,
 )
+from amiworker.ops.board.command import add_board_command
 from amiworker.ops.commands import add_commands as add_operator_commands
 from amiworker.settings import SettingsError
 
@@ -107,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     add_operator_commands(commands)
+    add_board_command(commands)
     return parser
 
 
 _COMMANDS = {"run", "check", "simulate", "demo", "events", "call", "replay", "status", "retry"}
+_COMMANDS.add("board")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
