@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calls", type=int, default=100, help="calls per PBX")
     demo.add_argument("--calls-per-second", type=float, default=20.0, help="per PBX")
     demo.add_argument("--data-dir", type=Path, default=None, help="keep the store here")
+    demo.add_argument("--board-port", type=int, default=8080, help="the call board's port")
+    demo.add_argument("--no-board", dest="board_port", action="store_const", const=None)
+    demo.add_argument("--linger", action="store_true", help="keep the board up until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
     add_operator_commands(commands)

@@ -40,7 +40,7 @@ STATE_EVENTS: Final = (
     "Rename",
     "Hangup",
 )
-ENDED_LIMIT: Final = 25
+ENDED_LIMIT: Final = 15
 
 _FIELDS: Final = (
     ("channel", "channel"),

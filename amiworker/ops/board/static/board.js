@@ -128,7 +128,7 @@
       el("td", { class: "mono" }, call.linkedid),
       el("td", {}, callerId(call.caller_id_name, call.caller_id_num)),
       el("td", { class: "num" }, duration(call.duration)),
-      el("td", {}, unknown(call.cause) ? "—" : `${call.cause} ${call.cause_txt || ""}`.trim())
+      el("td", { class: "cause" }, unknown(call.cause) ? "—" : `${call.cause} ${call.cause_txt || ""}`.trim())
     ));
     $("ended").tBodies[0].replaceChildren(...ended);
     $("ended-empty").hidden = data.ended.length > 0;
