@@ -46,6 +46,11 @@ def test_the_wheel_holds_every_subpackage_and_installs(tmp_path: Path) -> None:
     assert len(packages) >= 6
     missing = [name for name in packages if name not in names]
     assert not missing
+    # The call board's page is package data: served from the installed package.
+    page = [
+        f"amiworker/ops/board/static/{name}" for name in ("index.html", "board.js", "board.css")
+    ]
+    assert not [name for name in page if name not in names]
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
