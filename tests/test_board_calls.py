@@ -19,8 +19,10 @@ START = datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()
 NOW = datetime.fromtimestamp(START + 60, UTC)
 
 
-def fold(docs: list[dict], max_age: float = 3600, now: datetime = NOW) -> CallTable:
-    table = CallTable(max_age)
+def fold(
+    docs: list[dict], max_age: float = 3600, now: datetime = NOW, ended_limit: int = 15
+) -> CallTable:
+    table = CallTable(max_age, ended_limit)
     table.expire(now)
     for doc in docs:
         table.apply(doc)
@@ -30,7 +32,7 @@ def fold(docs: list[dict], max_age: float = 3600, now: datetime = NOW) -> CallTa
 def test_the_captured_calls_all_end_with_their_cause_and_duration() -> None:
     docs = sorted(documents(read_capture(), "pbx1"), key=event_order)
     capture_now = max(doc["ts"] for doc in docs) + timedelta(seconds=1)
-    table = fold(docs, now=capture_now)
+    table = fold(docs, now=capture_now, ended_limit=25)
     snapshot = table.snapshot(capture_now)
     assert snapshot["calls"] == []
     ended = snapshot["ended"]

@@ -98,10 +98,7 @@ def run_board(args: argparse.Namespace) -> int:
         settings = load_settings(args)
     except SettingsError as exc:
         return fail_settings(exc)
-    logs.configure(settings.log_level, settings.log_format, "board")
-    register_secrets(settings)
     token = settings.board_token.get_secret_value() if settings.board_token else None
-    logs.register_secret(token)
     problem = binding_problem(args.host, token)
     if problem is None and not 0 <= args.port <= 65535:
         problem = f"--port {args.port} is not a port number"
@@ -110,6 +107,9 @@ def run_board(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"amiworker: board: {problem}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
+    logs.configure(settings.log_level, settings.log_format, "board")
+    register_secrets(settings)
+    logs.register_secret(token)
     try:
         import uvicorn
 
