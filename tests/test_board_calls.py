@@ -98,6 +98,16 @@ def test_a_call_whose_hangup_was_missed_leaves_after_max_age() -> None:
     assert table.calls == {}
 
 
+def test_a_table_read_afresh_remembers_the_channels_that_hung_up() -> None:
+    old = fold(call_docs("pbx1", 5, START))  # up, then hung up
+    late = [d for d in call_docs("pbx1", 5, START) if d["event"] == "Newstate"]
+    fresh = CallTable(3600)  # a new read of the log that did not include call 5
+    fresh.inherit(old)
+    for doc in late:  # stored late by a slow worker
+        assert not fresh.apply(doc)
+    assert fresh.calls == {}
+
+
 def test_ended_calls_keep_the_newest() -> None:
     table = CallTable(3600, ended_limit=5)
     docs = [doc for n in range(12) for doc in call_docs("pbx1", n, START + n)]

@@ -240,6 +240,14 @@ class CallTable:
             self.ended.sort(key=lambda e: (e.ended, e.server, e.linkedid))
         del self.ended[: max(0, len(self.ended) - self.ended_limit)]
 
+    def inherit(self, older: CallTable) -> None:
+        """Remember the channels ``older`` saw hang up: a table read afresh from the log
+        knows only those of the channels it read, and a late event of another one must
+        not bring it back."""
+        for key, when in older._gone.items():
+            if key not in self._call_of:
+                self._gone.setdefault(key, when)
+
     def expire(self, now: datetime) -> bool:
         """Drop calls that started more than ``max_age`` before ``now``; True if any."""
         floor = now - self.max_age

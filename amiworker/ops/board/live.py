@@ -277,6 +277,7 @@ class Tracker:
         self._during_sync = []
         try:
             table = await load_calls(self.query, datetime.now(UTC), self.max_age)
+            table.inherit(self.calls)
             for doc in self._during_sync:
                 table.apply(doc)
         finally:
