@@ -26,6 +26,7 @@ from amiworker.flags import (
     load_settings,
     register_secrets,
 )
+from amiworker.ops.board.command import add_board_command
 from amiworker.ops.commands import add_commands as add_operator_commands
 from amiworker.settings import SettingsError
 from amiworker.testing.command import add_command as add_test_handlers_command
@@ -105,15 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--calls", type=int, default=100, help="calls per PBX")
     demo.add_argument("--calls-per-second", type=float, default=20.0, help="per PBX")
     demo.add_argument("--data-dir", type=Path, default=None, help="keep the store here")
+    demo.add_argument("--board-port", type=int, default=8080, help="the call board's port")
+    demo.add_argument("--no-board", dest="board_port", action="store_const", const=None)
+    demo.add_argument("--linger", action="store_true", help="keep the board up until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
     add_operator_commands(commands)
     add_test_handlers_command(commands)
+    add_board_command(commands)
     return parser
 
 
-_COMMANDS = {"run", "check", "simulate", "demo", "events", "call", "replay", "status", "retry"}
-_COMMANDS |= {"test-handlers"}
+_COMMANDS = {
+    "run",
+    "check",
+    "simulate",
+    "demo",
+    "events",
+    "call",
+    "replay",
+    "status",
+    "retry",
+    "board",
+    "test-handlers",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -317,6 +317,21 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="Seconds running handlers get to finish on stop."
     )
 
+    # -- the call board
+    board_token: SecretStr | None = Field(
+        default=None,
+        description="Token the call board's Retry action requires (Authorization: Bearer); "
+        "required to bind `amiworker board` to a non-loopback address. Never printed.",
+    )
+    board_call_max_age: float = Field(
+        default=14400.0,
+        gt=0,
+        le=30 * 86400,
+        description="Seconds a call stays on the call board without its Hangup: a Hangup "
+        "missed while no worker was connected cannot leave a call there for longer (longer "
+        "calls leave the board too; the log keeps them).",
+    )
+
     # -- validation -------------------------------------------------------
 
     @field_validator("servers")

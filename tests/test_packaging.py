@@ -51,6 +51,11 @@ def test_the_wheel_holds_every_subpackage_and_installs(tmp_path: Path) -> None:
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     declared = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[pytest11]" in declared and "amiworker.testing.pytest_plugin" in declared
+    # The call board's page is package data: served from the installed package.
+    page = [
+        f"amiworker/ops/board/static/{name}" for name in ("index.html", "board.js", "board.css")
+    ]
+    assert not [name for name in page if name not in names]
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

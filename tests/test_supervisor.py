@@ -140,4 +140,5 @@ def test_the_readme_demo_command_shows_exactly_once(tmp_path: Path) -> None:
     assert "each handled exactly once" in result.stdout
     assert "30/30 calls complete" in result.stdout
     assert "PASS: exactly-once holds" in result.stdout
+    assert "call board: http://127.0.0.1:" in result.stdout
     assert list(tmp_path.iterdir()) == [], "the demo leaves no files behind"

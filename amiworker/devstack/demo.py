@@ -1,16 +1,20 @@
 """`amiworker demo`: the whole point, on one machine, in a minute.
 
-Starts an embedded MongoDB (nx-27017), two simulated PBXs making calls, and
-``amiworker --workers 4`` with the example handlers, shows a live progress
-line, then stops everything and prints a summary that checks the promise:
+Starts an embedded MongoDB (nx-27017), two simulated PBXs making calls,
+``amiworker --workers 4`` with the example handlers and the call board
+(``amiworker board``, its URL printed), shows a live progress line, then stops
+everything and prints a summary that checks the promise:
 every channel event the PBXs sent is stored exactly once and handled exactly
-once, and the example ``calls`` projection has every call.
+once, and the example ``calls`` projection has every call. ``--linger``
+keeps the call board (and the store it reads) up after the summary, until
+Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -20,7 +24,8 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.board_process import BoardProcess
+from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess, wait_until
 from amiworker.fleet.dedup import DedupKeys, races
 
@@ -61,6 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for i in range(args.pbxs)
     ]
     fleet: FleetProcess | None = None
+    board: BoardProcess | None = None
     try:
         mongo.start()
         print(f"  embedded MongoDB (nx-27017) at {mongo.uri}")
@@ -80,6 +86,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  amiworker --workers {args.workers} (log: {fleet.log_path})")
         db = client[DATABASE]
         _wait_connected(db, fleet, args.workers, [s.name for s in simulators])
+        if args.board_port is not None:
+            board = _start_board(workdir, mongo.uri, args.board_port)
         print("  every worker holds a session to every PBX: calls start now\n")
         expected_calls = args.calls * args.pbxs
         driver = _CallDriver(simulators, args.calls, args.calls_per_second)
@@ -91,13 +99,18 @@ def run_demo(args: argparse.Namespace) -> int:
             driver.close()
         code = fleet.stop()
         print(f"\n  amiworker stopped gracefully (exit status {code})")
-        return _summary(client[DATABASE], simulators, expected_calls, code)
+        result = _summary(client[DATABASE], simulators, expected_calls, code)
+        if board is not None and args.linger:
+            _linger(board)
+        return result
     except (TimeoutError, RuntimeError) as exc:
         print(f"\namiworker demo: {exc}", file=sys.stderr)
         if fleet is not None:
             print(fleet.log_text()[-3000:], file=sys.stderr)
         return 1
     finally:
+        if board is not None:
+            board.stop()
         if fleet is not None and fleet.process is not None and fleet.process.poll() is None:
             fleet.stop()
         for simulator in simulators:
@@ -105,6 +118,35 @@ def run_demo(args: argparse.Namespace) -> int:
         mongo.stop()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_board(workdir: Path, mongo_uri: str, port: int) -> BoardProcess | None:
+    """``amiworker board`` on ``port`` (or any free one if it is taken); None if it
+    cannot start (the demo goes on without it)."""
+    if port:
+        try:
+            with socket.create_server(("127.0.0.1", port)):
+                pass
+        except OSError:
+            port = free_port()
+    board = BoardProcess(workdir / "board", mongo_uri=mongo_uri, database=DATABASE, port=port)
+    try:
+        board.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"  the call board did not start: {str(exc).splitlines()[0]}")
+        board.stop()
+        return None
+    print(f"  call board: {board.url}/  (open it: the calls go by live)")
+    return board
+
+
+def _linger(board: BoardProcess) -> None:
+    print(f"\nthe call board stays up at {board.url}/ until Ctrl-C")
+    try:
+        while board.process is not None and board.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print()
 
 
 def _progress(db: Any) -> dict[str, int]:

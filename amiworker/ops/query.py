@@ -12,6 +12,7 @@
         busiest = await log.busiest_extensions(since="7d")     # [ExtensionCount(exten, calls)]
         fleet = await log.workers(lease=settings.lease)        # [WorkerStatus]
         revived = await log.retry_dead(event="Hangup")         # dead -> failed, due now
+        await log.retry_event(event_id)                        # the same for one event
 
 Every method turns driver errors into :class:`~amiworker.mongo.StoreUnavailable`,
 one line that names the server (password masked) and what to do.
@@ -372,6 +373,22 @@ class EventQuery:
                 {"$set": {"state": FAILED, "attempts": 0}, "$currentDate": {"retry_at": True}},
             )
         return int(result.modified_count)
+
+    async def event(self, event_id: Any) -> dict[str, Any] | None:
+        """One stored event by its ``_id`` (the dedup key), or None."""
+        with self.errors("read an event"):
+            doc: dict[str, Any] | None = await self.events_collection.find_one({"_id": event_id})
+        return doc
+
+    async def retry_event(self, event_id: Any) -> bool:
+        """:meth:`retry_dead` for one event, by its ``_id``: True if it was dead and is
+        now ``failed`` and due (attempts back to 0); False if it is not dead, or unknown."""
+        with self.errors("retry an event"):
+            result = await self.events_collection.update_one(
+                {"_id": event_id, "state": DEAD},
+                {"$set": {"state": FAILED, "attempts": 0}, "$currentDate": {"retry_at": True}},
+            )
+        return bool(result.modified_count == 1)
 
 
 def _text(value: Any) -> str | None:
