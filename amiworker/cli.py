@@ -38,6 +38,7 @@ __all__ = ["main"]
 
 def cmd_run(args: argparse.Namespace) -> int:
     from amiworker.fleet.dispatch import HandlerImportError, load_handlers
+    from amiworker.fleet.spill import SpillDirError, check_spill_dir
     from amiworker.fleet.supervisor import Supervisor
 
     try:
@@ -54,6 +55,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except HandlerImportError as exc:
         print(f"amiworker: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
+    if settings.spill_max_bytes:
+        try:
+            check_spill_dir(settings.spill_dir)
+        except SpillDirError as exc:
+            print(f"amiworker: {exc}; set spill_dir to a writable directory", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
     return Supervisor(settings).run()
 
 

@@ -20,7 +20,8 @@ class WorkerStats:
     dequeued: int = 0  # queued events this worker took to run
     released: int = 0  # events given back (queued) unstarted, on a stop
     rejected: int = 0  # events MongoDB refused (a validator, a unique index): not stored
-    dropped: int = 0  # events lost because the buffer was full while MongoDB was away
+    spilled: int = 0  # events written to the spill (memory full: a burst, or MongoDB away)
+    dropped: int = 0  # events lost: the spill (or, without one, the buffer) was full
     claim_batches: int = 0
     store_errors: int = 0
 

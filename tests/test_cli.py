@@ -144,6 +144,21 @@ def test_a_handler_module_that_fails_to_import_stops_start_up(
     assert "Traceback" not in result.stderr
 
 
+def test_an_unwritable_spill_dir_stops_start_up_with_one_line(workdir: Path) -> None:
+    (workdir / "a-file").write_text("")
+    spill_dir = workdir / "a-file" / "spill"  # through a regular file: refused even to root
+    env = {
+        "AMIWORKER_SERVERS": servers(5038),
+        "AMIWORKER_HANDLERS": "quiet",
+        "AMIWORKER_APP_DIR": str(workdir / "app"),
+        "AMIWORKER_SPILL_DIR": str(spill_dir),
+    }
+    result = run(env=env, cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert str(spill_dir) in line and "spill_dir" in line and "Traceback" not in line
+
+
 async def test_unreachable_mongodb_is_named_and_amiworker_keeps_reading(
     workdir: Path, background: list[Running]
 ) -> None:

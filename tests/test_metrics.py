@@ -70,7 +70,13 @@ def fake_worker() -> Any:
                 "pbx2": {"connected": False, "reconnects": 2},
             }
         ),
-        claimer=SimpleNamespace(depth=7, on_batch=lambda n, s: previous.append((n, s))),
+        claimer=SimpleNamespace(
+            depth=7,
+            on_batch=lambda n, s: previous.append((n, s)),
+            queue=SimpleNamespace(
+                spill_info=lambda: {"events": 30, "bytes": 4096, "oldest_age": 1.5, "path": "/x"}
+            ),
+        ),
         scheduler=SimpleNamespace(depth=2, on_started=None),
         previous=previous,
     )
@@ -87,6 +93,9 @@ async def test_counters_are_read_at_scrape_time() -> None:
         assert first[("amiworker_events_failed_total", w)] == 1
         assert first[("amiworker_queue_depth", (("stage", "claim"), *w))] == 7
         assert first[("amiworker_queue_depth", (("stage", "handlers"), *w))] == 2
+        assert first[("amiworker_spill_events", w)] == 30
+        assert first[("amiworker_spill_bytes", w)] == 4096
+        assert first[("amiworker_spill_oldest_age_seconds", w)] == 1.5
         assert first[("amiworker_pbx_connected", (("pbx", "pbx1"), *w))] == 1
         assert first[("amiworker_pbx_connected", (("pbx", "pbx2"), *w))] == 0
         assert first[("amiworker_pbx_reconnects_total", (("pbx", "pbx2"), *w))] == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,12 +96,21 @@ class UnreachableStore(CancelDroppingStore):
         raise StoreUnavailable("MongoDB at test is unreachable")
 
 
+@pytest.mark.parametrize("spill", [False, True])
 async def test_stop_gives_up_on_unstorable_events_after_shutdown_timeout(
-    caplog: pytest.LogCaptureFixture,
+    spill: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Without a spill they are lost, counted and logged; with one they go to the spill,
+    and the next worker of the slot finds them there."""
     pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
     settings = Settings.load(
-        None, env_file=None, servers=[pbx], heartbeat_interval=0.5, shutdown_timeout=0.5
+        None,
+        env_file=None,
+        servers=[pbx],
+        heartbeat_interval=0.5,
+        shutdown_timeout=0.5,
+        spill_dir=tmp_path / "spill",
+        spill_max_bytes=(1 << 20) if spill else 0,
     )
     store = UnreachableStore()
     worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
@@ -111,5 +121,16 @@ async def test_stop_gives_up_on_unstorable_events_after_shutdown_timeout(
     worker.stop()
     async with asyncio.timeout(10):
         await task
-    assert worker.stats.dropped == 3
     assert any("3 event(s) not stored" in r.getMessage() for r in caplog.records)
+    if not spill:
+        assert worker.stats.dropped == 3
+        return
+    assert worker.stats.dropped == 0
+    successor = Worker(settings, HandlerRegistry(), worker_id="w2", store=UnreachableStore())  # type: ignore[arg-type]
+    await successor.claimer.queue.open()
+    try:
+        assert successor.claimer.queue.spill_events == 3
+        batch = await successor.claimer.queue.take(10, stopping=lambda: False)
+        assert [item.message["Uniqueid"] for item in batch.items] == ["0", "1", "2"]
+    finally:
+        await successor.claimer.queue.close()

@@ -177,6 +177,8 @@ class FleetProcess:
             "AMIWORKER_DATABASE": database,
             "AMIWORKER_HANDLERS": ",".join(handlers),
             "AMIWORKER_APP_DIR": str(app_dir or Path.cwd()),
+            # Its own spills: a fleet of a test or the demo never drains another's.
+            "AMIWORKER_SPILL_DIR": str(workdir / "spill"),
             **(extra_env or {}),
         }
         self.args = ["--workers", str(workers), *extra_args]

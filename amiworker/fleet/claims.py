@@ -1,11 +1,12 @@
 """The claim loop: events to race go from the AMI readers to MongoDB in batches.
 
 The reader of an AMI session must never wait (Asterisk drops a manager session
-whose reader falls behind, and never replays what it missed), so it only
-appends to a bounded buffer here. One task per worker drains the buffer in
-unordered ``insert_many`` batches; while MongoDB is unreachable the buffer
-holds events, the claim is retried with backoff, and what does not fit is
-dropped, counted and logged loudly.
+whose reader falls behind, and never replays what it missed), so it only keys
+the event (the key depends on the arrival order) and appends it to the claim
+queue (fleet.claimqueue: memory up to ``buffer_size``, then the spill on local
+disk). One task per worker drains the queue in unordered ``insert_many``
+batches; while MongoDB is unreachable the queue holds events and the claim is
+retried with backoff.
 
 Each document goes in with the state its winner can honour: ``done`` when no
 handler runs for it, ``claimed`` while the worker's handler backlog has room,
@@ -22,18 +23,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol
 
-from amiworker.ami.message import Message
 from amiworker.backoff import full_jitter
+from amiworker.fleet.claimqueue import ClaimQueue
 from amiworker.fleet.dedup import DedupKeys
 from amiworker.fleet.documents import CLAIMED, DONE, QUEUED
 from amiworker.fleet.health import StoreHealth
 from amiworker.fleet.locktable import Claimed
+from amiworker.fleet.pending import Pending
 from amiworker.stats import WorkerStats
 
 __all__ = ["ClaimStore", "Claimer", "Pending"]
@@ -43,19 +42,6 @@ log = logging.getLogger("amiworker.fleet.claims")
 # Backoff between claim attempts while MongoDB is unreachable.
 _RETRY_MIN = 0.1
 _RETRY_MAX = 5.0
-# At most one "dropping events" line per this many seconds (plus a count).
-_DROP_LOG_INTERVAL = 10.0
-
-
-@dataclass(slots=True)
-class Pending:
-    """An event waiting for its claim."""
-
-    server: str
-    message: Message
-    received_at: datetime  # wall clock, stored in the document
-    received_mono: float  # monotonic, for the dedup window and latency
-    key: str = ""
 
 
 class ClaimStore(Protocol):
@@ -81,7 +67,7 @@ class Claimer:
         dedup_window: float,
         batch_size: int,
         batch_delay: float,
-        buffer_size: int,
+        queue: ClaimQueue,
     ) -> None:
         self._store = store
         self._build_document = build_document
@@ -94,89 +80,69 @@ class Claimer:
         self._dedup_window = dedup_window
         self._batch_size = batch_size
         self._batch_delay = batch_delay
-        self._buffer_size = buffer_size
-        self._buffer: deque[Pending] = deque()
+        self.queue = queue
         self._keys: dict[str, DedupKeys] = {}
-        self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight = 0
-        self._last_drop_log = 0.0
-        self._drops_since_log = 0
+        self._claiming: list[Pending] = []
         # Claim latency (seconds) of recent batches, for metrics and benchmarks.
         self.on_batch: Callable[[int, float], None] | None = None
 
     # -- the reader's side: never waits ----------------------------------------------
 
     def submit(self, item: Pending) -> None:
-        if len(self._buffer) >= self._buffer_size:
-            self._drop(item)
-            return
-        self._buffer.append(item)
-        if not self._wake.is_set():
-            self._wake.set()
-
-    def _drop(self, item: Pending) -> None:
-        self._stats.dropped += 1
-        self._drops_since_log += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= _DROP_LOG_INTERVAL:
-            log.error(
-                "event buffer full (%d events, MongoDB unreachable or too slow): dropped %d "
-                "event(s), %d in all; raise buffer_size or fix MongoDB",
-                self._buffer_size,
-                self._drops_since_log,
-                self._stats.dropped,
-            )
-            self._last_drop_log = now
-            self._drops_since_log = 0
+        """Key the event (in arrival order: the key depends on it) and queue it."""
+        keys = self._keys.get(item.server)
+        if keys is None:
+            keys = self._keys[item.server] = DedupKeys(item.server, self._dedup_window)
+        item.key = keys.key(item.message.raw, item.received_mono)
+        self.queue.put(item)
 
     @property
     def depth(self) -> int:
-        """Events buffered or being claimed."""
-        return len(self._buffer) + self._in_flight
+        """Events waiting (in memory or spilled) or being claimed."""
+        return self.queue.depth + self._in_flight
 
     def describe(self) -> str:
-        """What the buffer holds, for the store's outage log lines."""
-        return f"{self.depth} event(s) buffered, up to {self._buffer_size}"
+        """What waits, for the store's outage log lines."""
+        return self.queue.describe()
 
     # -- the claim loop ----------------------------------------------------------------
 
     async def run(self) -> None:
-        """Claim until :meth:`stop` is called and the buffer is empty."""
+        """Claim until :meth:`stop` is called and memory is empty (the spill stays
+        on disk for the next worker of this slot)."""
+        queue = self.queue
         while True:
-            if not self._buffer:
-                if self._stopping:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if len(self._buffer) < self._batch_size and self._batch_delay and not self._stopping:
+            if queue.in_memory and queue.in_memory < self._batch_size and self._batch_delay:
                 # Let a batch fill: one insert_many of many events costs MongoDB far
                 # less than many small ones. But no event waits for that longer than
                 # batch_delay: what arrived during the last claim has waited enough.
-                wait = self._buffer[0].received_mono + self._batch_delay - time.monotonic()
-                if wait > 0:
+                oldest = queue.oldest_waiting()
+                wait = (oldest or 0.0) + self._batch_delay - time.monotonic()
+                if wait > 0 and not self._stopping:
                     await asyncio.sleep(wait)
-            batch = self._take_batch()
-            self._in_flight = len(batch)
+            batch = await queue.take(self._batch_size, stopping=lambda: self._stopping)
+            if not batch.items:
+                return
+            self._in_flight = len(batch.items)
+            self._claiming = batch.items
             try:
-                await self._claim(batch)
+                await self._claim(batch.items)
+                self._claiming = []
+                await queue.settle(batch)
             finally:
                 self._in_flight = 0
 
-    def _take_batch(self) -> list[Pending]:
-        buffer = self._buffer
-        if len(buffer) <= self._batch_size:
-            batch = list(buffer)  # the usual case: all of it, in one C call
-            buffer.clear()
-            return batch
-        popleft = buffer.popleft
-        return [popleft() for _ in range(self._batch_size)]
+    def unclaimed(self) -> list[Pending]:
+        """After the loop was cancelled: the batch it was claiming, and memory."""
+        leftovers, self._claiming = self._claiming, []
+        return leftovers + self.queue.drain_memory()
 
     def stop(self) -> None:
-        """Finish what is buffered, then return from :meth:`run`."""
+        """Claim what is in memory, then return from :meth:`run`."""
         self._stopping = True
-        self._wake.set()
+        self.queue.wake()
 
     async def _claim_one_by_one(self, docs: list[dict[str, Any]], error: Exception) -> Claimed:
         log.warning("a claim batch was refused (%s); claiming its events one by one", error)
@@ -203,16 +169,11 @@ class Claimer:
 
     async def _claim(self, batch: list[Pending]) -> None:
         docs = []
-        all_keys = self._keys
         build_document = self._build_document
         needs_run = self._needs_run
         # Room in the handler backlog: what is won beyond it is stored for others.
         room = self._room()
         for item in batch:
-            keys = all_keys.get(item.server)
-            if keys is None:
-                keys = all_keys[item.server] = DedupKeys(item.server, self._dedup_window)
-            item.key = keys.key(item.message.raw, item.received_mono)
             doc = build_document(item)
             if not needs_run(item.message.name):
                 # Nothing to run: stored as done at once, which saves an ack per event.

@@ -31,6 +31,10 @@ Metric names (all with the ``worker`` label)::
     amiworker_events_dequeued_total      queued events this worker took to run
     amiworker_events_released_total      unstarted events given back on a stop
     amiworker_events_rejected_total      events MongoDB refused: not stored
+    amiworker_events_spilled_total       events written to the spill on local disk
+    amiworker_spill_events               events in the spill now (gauge)
+    amiworker_spill_bytes                bytes of the spill's files (gauge)
+    amiworker_spill_oldest_age_seconds   age of the oldest spilled event (gauge)
     amiworker_claim_batches_total        insert_many claims
     amiworker_store_errors_total         failed MongoDB claim attempts (retried)
     amiworker_queue_depth{stage}         events waiting: stage="claim" or "handlers"
@@ -82,6 +86,7 @@ COUNTERS: Final = (
     ("amiworker_events_dequeued", "dequeued", "Queued events this worker took to run."),
     ("amiworker_events_released", "released", "Unstarted events given back on a stop."),
     ("amiworker_events_rejected", "rejected", "Events MongoDB refused (validator, unique index)."),
+    ("amiworker_events_spilled", "spilled", "Events written to the spill on local disk."),
     ("amiworker_claim_batches", "claim_batches", "insert_many claims made."),
     ("amiworker_store_errors", "store_errors", "Claim attempts MongoDB failed (retried)."),
 )
@@ -111,7 +116,7 @@ class ObservedWorker(Protocol):
     @property
     def pool(self) -> _Pool: ...
     @property
-    def claimer(self) -> Any: ...  # .depth, .on_batch(batch_size, seconds)
+    def claimer(self) -> Any: ...  # .depth, .queue.spill_info(), .on_batch(size, seconds)
     @property
     def scheduler(self) -> Any: ...  # .depth, .on_started(latency_seconds)
 
@@ -138,6 +143,19 @@ class WorkerCollector(Collector):
         depth.add_metric([wid, "claim"], worker.claimer.depth)
         depth.add_metric([wid, "handlers"], worker.scheduler.depth)
         yield depth
+        spill = worker.claimer.queue.spill_info() or {}
+        for name, field, help_text in (
+            ("amiworker_spill_events", "events", "Events in the spill on local disk."),
+            ("amiworker_spill_bytes", "bytes", "Bytes of the spill's files."),
+            (
+                "amiworker_spill_oldest_age_seconds",
+                "oldest_age",
+                "Age of the oldest spilled event.",
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, help_text, labels=["worker"])
+            gauge.add_metric([wid], float(spill.get(field) or 0))
+            yield gauge
         connected = GaugeMetricFamily(
             "amiworker_pbx_connected",
             "1 while the AMI session with the PBX is open.",

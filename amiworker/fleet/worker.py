@@ -42,6 +42,7 @@ from amiworker.ami.message import Message
 from amiworker.ami.pool import ServerPool
 from amiworker.backoff import full_jitter
 from amiworker.cancelling import cancel_until_done
+from amiworker.fleet.claimqueue import ClaimQueue
 from amiworker.fleet.claims import Claimer, Pending
 from amiworker.fleet.dedup import races
 from amiworker.fleet.dispatch import (
@@ -57,6 +58,7 @@ from amiworker.fleet.locktable import LockTable, StoreUnavailable
 from amiworker.fleet.metrics import start_worker_metrics
 from amiworker.fleet.outcomes import Outcomes
 from amiworker.fleet.scheduler import HandlerScheduler, Job
+from amiworker.fleet.spill import Spill
 from amiworker.fleet.takeover import Takeover
 from amiworker.settings import Settings, secrets_of
 from amiworker.stats import WorkerStats
@@ -137,7 +139,11 @@ class Worker:
             dedup_window=settings.dedup_window,
             batch_size=settings.batch_size,
             batch_delay=settings.batch_delay,
-            buffer_size=settings.buffer_size,
+            queue=ClaimQueue(
+                high_water=settings.buffer_size,
+                stats=self.stats,
+                open_spill=self._open_spill if settings.spill_max_bytes else None,
+            ),
         )
         self.heartbeat = Heartbeat(
             self.store, self.health, settings.heartbeat_interval, self.heartbeat_info
@@ -194,6 +200,17 @@ class Worker:
                 extra={"server": server},
             )
 
+    def _open_spill(self) -> Spill:
+        """This slot's spill (called on the spill thread): worker N drains what the
+        worker N before it left, on this host."""
+        settings = self.settings
+        return Spill.open(
+            settings.spill_dir,
+            f"{settings.database}.{settings.collection}",
+            self.index or 0,
+            max_bytes=settings.spill_max_bytes,
+        )
+
     def room(self) -> int:
         """Free room in the handler backlog; none once stopping (claim nothing new)."""
         return self.scheduler.room if self.state == RUNNING else 0
@@ -223,8 +240,10 @@ class Worker:
         events wait in the claim buffer until it is. Raises :class:`WorkerLoopDied`
         if a loop ends unexpectedly.
         """
+        await self.claimer.queue.open()
         loops = {
             asyncio.create_task(self.claimer.run(), name="claims"),
+            asyncio.create_task(self.claimer.queue.write_spill(), name="spill"),
             asyncio.create_task(self.outcomes.run(), name="outcomes"),
             asyncio.create_task(self.heartbeat.run(), name="heartbeat"),
             asyncio.create_task(self.takeover.run(), name="takeover"),
@@ -274,21 +293,25 @@ class Worker:
         by_name = {task.get_name(): task for task in loops}
         claims, takeover = by_name["claims"], by_name["takeover"]
         await cancel_until_done([takeover, indexes])
-        # What was buffered before the stop is stored (queued: room is now 0).
+        # What was buffered in memory before the stop is stored (queued: room is now
+        # 0); what is spilled stays on disk for the next worker of this slot.
         self.claimer.stop()
         flushed, _ = await asyncio.wait({claims}, timeout=settings.shutdown_timeout)
+        leftovers = []
         if not flushed:
-            lost = self.claimer.depth
-            self.stats.dropped += lost
-            log.error(
-                "stopping with %d event(s) not stored: MongoDB did not take them within "
-                "shutdown_timeout (%.0f s)",
-                lost,
-                settings.shutdown_timeout,
-            )
             # Not asyncio.wait_for: the claim loop may be inside the driver, where a
             # single cancellation can be lost (see amiworker.cancelling).
             await cancel_until_done([claims])
+            leftovers = self.claimer.unclaimed()
+            log.error(
+                "stopping with %d event(s) not stored: MongoDB did not take them within "
+                "shutdown_timeout (%.0f s); %s",
+                len(leftovers),
+                settings.shutdown_timeout,
+                "they go to the spill" if self.claimer.queue.spill_path else "they are lost",
+            )
+        await cancel_until_done([by_name["spill"]])
+        await self.claimer.queue.close(leftovers)
         unstarted = self.scheduler.drain_unstarted()
         await self._release([job.key for job in unstarted if job.key], deadline, "unstarted")
         if not await self.scheduler.join(max(0.0, deadline - time.monotonic())):
@@ -358,6 +381,7 @@ class Worker:
             "counters": self.stats.as_dict(),
             "queue_depth": self.claimer.depth + self.scheduler.depth,
             "backlog": self.scheduler.depth,
+            "spill": self.claimer.queue.spill_info(),
             "handlers": self.registry.event_names(),
         }
 

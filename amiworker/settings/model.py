@@ -16,8 +16,8 @@ never the value of a secret (AMI secrets, the MongoDB password).
 from __future__ import annotations
 
 import json
+import os
 import re
-import tomllib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
@@ -41,60 +41,24 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-__all__ = [
-    "ENV_PREFIX",
-    "ServerSettings",
-    "Settings",
-    "SettingsError",
-    "redact_uri",
-    "secrets_of",
-]
-
-ENV_PREFIX = "AMIWORKER_"
-
-_MASK = "***"
-_MAX_ECHO = 80  # longest offending value quoted back in an error message
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-# URI options whose values are credentials, e.g. tlsCertificateKeyFilePassword,
-# authMechanismProperties=AWS_SESSION_TOKEN:...
-_SECRET_OPTION = re.compile(
-    r"(?i)([?&][^=&]*(?:password|token|secret|authmechanismproperties)=)[^&]*"
+from amiworker.settings.errors import (
+    ENV_PREFIX,
+    SettingsError,
+    check_config_file,
+    format_source_error,
+    format_validation_error,
 )
+from amiworker.settings.redact import MASK, redact_uri
+
+__all__ = ["ServerSettings", "Settings", "default_spill_dir"]
+
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-class SettingsError(Exception):
-    """Invalid settings; ``str(error)`` is one line per problem, ready to print."""
-
-
-def redact_uri(uri: str) -> str:
-    """Return ``uri`` with its password (and credential options) masked.
-
-    ``mongodb://app:hunter2@db1,db2/?replicaSet=rs`` becomes
-    ``mongodb://app:***@db1,db2/?replicaSet=rs``. The user info is everything
-    before the *last* ``@``, so an unescaped ``@`` in a password is masked too.
-    """
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        scheme, rest = "", uri
-    at = rest.rfind("@")
-    if at != -1:
-        user, colon, _password = rest[:at].partition(":")
-        userinfo = f"{user}:{_MASK}" if colon else user
-        rest = f"{userinfo}@{rest[at + 1 :]}"
-    rest = _SECRET_OPTION.sub(lambda m: m.group(1) + _MASK, rest)
-    return f"{scheme}{sep}{rest}"
-
-
-def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value in ``settings``: AMI secrets and the MongoDB password."""
-    from urllib.parse import unquote
-
-    found = [server.secret.get_secret_value() for server in settings.servers]
-    userinfo, at, _ = settings.mongo_uri.partition("://")[2].rpartition("@")
-    _, colon, password = userinfo.partition(":")
-    if at and colon and password:
-        found.append(unquote(password))
-    return found
+def default_spill_dir() -> Path:
+    """``$XDG_STATE_HOME/amiworker/spill``: state that must survive a restart."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "amiworker" / "spill"
 
 
 class ServerSettings(BaseModel):
@@ -270,8 +234,20 @@ class Settings(BaseSettings):
     buffer_size: int = Field(
         default=100_000,
         ge=1,
-        description="Events held in memory while MongoDB is unreachable; beyond it they "
-        "are dropped, counted and logged.",
+        description="Events waiting for their claim held in memory (a burst, MongoDB slow "
+        "or away); beyond it they spill to disk (spill_dir).",
+    )
+    spill_dir: Path = Field(
+        default_factory=lambda: default_spill_dir(),
+        description="Where events beyond buffer_size wait on local disk, one directory per "
+        "worker slot; created if missing. Default $XDG_STATE_HOME/amiworker/spill "
+        "(~/.local/state/amiworker/spill).",
+    )
+    spill_max_bytes: int = Field(
+        default=1 << 30,
+        ge=0,
+        description="Most bytes a worker's spill holds; past it events are dropped, counted "
+        "and logged. 0: no spill (past buffer_size, events are dropped).",
     )
     reconnect_min: float = Field(
         default=0.5, gt=0, description="First AMI reconnect delay in seconds."
@@ -447,7 +423,11 @@ class Settings(BaseSettings):
         if unknown:
             raise SettingsError("\n".join(f"unknown setting {name!r}" for name in unknown))
         flags = {name: value for name, value in overrides.items() if value is not None}
-        toml_path = _check_config_file(Path(config_file)) if config_file is not None else None
+        toml_path = (
+            check_config_file(Path(config_file), set(cls.model_fields))
+            if config_file is not None
+            else None
+        )
         token = _toml_file.set(toml_path)
         try:
             # _env_file is a BaseSettings init option mypy cannot see through pydantic.
@@ -456,7 +436,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise SettingsError(format_validation_error(exc)) from None
         except PydanticSettingsError as exc:
-            raise SettingsError(_format_source_error(exc)) from None
+            raise SettingsError(format_source_error(exc)) from None
         finally:
             _toml_file.reset(token)
 
@@ -475,7 +455,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         data["mongo_uri"] = redact_uri(self.mongo_uri)
         for server in data["servers"]:
-            server["secret"] = _MASK
+            server["secret"] = MASK
         return data
 
     def describe(self) -> str:
@@ -489,74 +469,3 @@ class Settings(BaseSettings):
         # The default repr would print mongo_uri, password included.
         for name, value in super().__repr_args__():
             yield name, redact_uri(value) if name == "mongo_uri" else value
-
-
-def _check_config_file(path: Path) -> Path:
-    """Refuse a missing or unparsable TOML file with a one-line message."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SettingsError(f"config file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise SettingsError(f"config file {path} cannot be read: {reason}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - set(Settings.model_fields))
-    if unknown:
-        raise SettingsError(
-            "\n".join(f"unknown setting {name!r} in config file {path}" for name in unknown)
-        )
-    return path
-
-
-def _is_sensitive(loc: tuple[int | str, ...]) -> bool:
-    return any(isinstance(part, str) and "secret" in part.lower() for part in loc)
-
-
-def _echo(loc: tuple[int | str, ...], value: Any) -> str:
-    """The offending value as it may be shown, or '' when it must not be."""
-    if _is_sensitive(loc) or not isinstance(value, str | int | float | bool):
-        return ""  # secrets, and whole objects that may contain them
-    if loc and loc[0] == "mongo_uri" and isinstance(value, str):
-        value = redact_uri(value)
-    text = repr(value)
-    if len(text) > _MAX_ECHO:
-        text = text[: _MAX_ECHO - 3] + "..."
-    return f" (got {text})"
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per error: ``invalid setting servers.0.port: <problem> (got 'abc')``."""
-    lines = []
-    for error in exc.errors():
-        loc = tuple(error["loc"])
-        name = ".".join(str(part) for part in loc) or "settings"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "missing":
-            message = "is required but not set"
-            got = ""
-        elif error["type"] == "extra_forbidden":
-            message = "is not a known setting"
-            got = ""
-        else:
-            got = _echo(loc, error.get("input"))
-        lines.append(f"invalid setting {name}: {message}{got}")
-    return "\n".join(lines)
-
-
-def _format_source_error(exc: PydanticSettingsError) -> str:
-    # pydantic-settings says 'error parsing value for field "servers" from source
-    # "EnvSettingsSource"' and chains the JSON error; neither holds the value.
-    match = re.search(r'field "([^"]+)" from source "([^"]+)"', str(exc))
-    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
-    if match is None:
-        return f"invalid settings: {exc}{cause}"
-    field, source = match.groups()
-    where = {
-        "EnvSettingsSource": f"environment variable {ENV_PREFIX}{field.upper()}",
-        "DotEnvSettingsSource": f".env entry {ENV_PREFIX}{field.upper()}",
-    }.get(source, source)
-    return f"invalid setting {field}: {where} is not valid JSON{cause}"
