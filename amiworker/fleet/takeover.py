@@ -66,15 +66,25 @@ class Takeover:
         self._stats = stats
         self._room = room
         self._look_again = False
+        self._stopping = False
         # Spread over the second half of the first lease: workers started together
         # do not search together.
         self._next_search = time.monotonic() + random.uniform(0.5, 1.0) * settings.lease
 
+    def stop(self) -> None:
+        """Take nothing more: :meth:`run` returns after the round under way, whose
+        events reach the scheduler (a round cancelled midway would leave events
+        taken in MongoDB and held by no one until the lease)."""
+        self._stopping = True
+        self._heartbeat.beat.set()
+
     async def run(self) -> None:
         beat = self._heartbeat.beat
-        while True:
+        while not self._stopping:
             await beat.wait()
             beat.clear()
+            if self._stopping:
+                return
             view = self._heartbeat.view
             if view is None or self._room() <= 0:
                 continue

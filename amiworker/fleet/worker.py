@@ -292,6 +292,8 @@ class Worker:
         log.info("stopping: no new claims; releasing unstarted events, finishing handlers")
         by_name = {task.get_name(): task for task in loops}
         claims, takeover = by_name["claims"], by_name["takeover"]
+        self.takeover.stop()
+        await asyncio.wait({takeover}, timeout=settings.store_timeout * 3)
         await cancel_until_done([takeover, indexes])
         # What was buffered in memory before the stop is stored (queued: room is now
         # 0); what is spilled stays on disk for the next worker of this slot.
