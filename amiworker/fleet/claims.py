@@ -153,13 +153,16 @@ class Claimer:
             while True:
                 try:
                     claimed = await self._store.claim([doc])
+                    self._health.answered()
                     won += claimed.won
                     rejected += claimed.rejected
                     break
-                except self._unavailable:
+                except self._unavailable as exc:
                     # Retried here, one event at a time, rather than the batch again:
-                    # what this loop won already must not be claimed twice.
+                    # what this loop won already must not be claimed twice. An
+                    # outage all the same: logged once each way, never a silent stall.
                     self._stats.store_errors += 1
+                    self._health.failed(exc)
                     attempt += 1
                     await asyncio.sleep(full_jitter(attempt, _RETRY_MIN, _RETRY_MAX))
                 except Exception as exc:
