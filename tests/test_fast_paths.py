@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amiworker.ami.message import Message
+from amiworker.ami.message import Message, decode
 from amiworker.ami.protocol import Parser, ProtocolError
 from amiworker.fleet.dedup import DedupKeys, belongs_to_channel
 
@@ -337,6 +337,12 @@ def header_lines(draw: st.DrawFn) -> bytes:
     return head + b"".join(name + sep + value + end for name, sep, value, end in lines) + tail
 
 
+# First lines that give a message its name, or almost do.
+FIRST_LINES = [
+    b"", b"Event: ", b"Response: ", b"Event: A\r\r\n", b"Event: \xff\r\n", b"Event:A\r\n",
+    b"event: a\r\r\n", b"RESPONSE: b\r\r\n", b"Event: \r\n", b"Response: Follows\r\n",
+    b"Event: A\rB\n", b"X: y\r\n",
+]  # fmt: skip
 QUERIED = [
     n for name in ("Uniqueid", "Linkedid", "ActionID", "K", "Event") for n in spellings(name)
 ]
@@ -346,3 +352,26 @@ QUERIED = [
 @given(raw=header_lines(), follows=st.booleans())
 def test_one_header_of_any_lines_from_the_raw_bytes(raw: bytes, follows: bool) -> None:
     check_lookups(raw, [*QUERIED, "Response", "DestUniqueid", "Nope", *ODD_NAMES], follows)
+
+
+def reference_name(raw: bytes) -> str:
+    """Message.name as first written: the first line's value, else the Event or Response header."""
+    if raw.startswith(b"Event: ") or raw.startswith(b"Response: "):
+        start = raw.index(b": ") + 2
+        end = raw.find(b"\n", start)
+        line = raw[start:end] if end >= 0 else raw[start:]
+        return decode(line.rstrip(b"\r"))
+    reference = parsed(raw)
+    return reference.get("Event") or reference.get("Response") or ""
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=header_lines(), first=st.sampled_from(FIRST_LINES))
+def test_the_name_is_what_it_was(raw: bytes, first: bytes) -> None:
+    assert Message(first + raw).name == reference_name(first + raw)
+
+
+def test_the_name_of_every_message_of_the_captures_is_what_it_was() -> None:
+    for name in ("asterisk22-20-calls.txt", "asterisk22-actions.txt"):
+        for message in capture_messages(name):
+            assert message.name == reference_name(message.raw)

@@ -121,6 +121,9 @@ class _Specs(dict[str, "_Spec | None"]):
 
 _spec_of = _Specs().__getitem__
 
+# The usual first line, whose value is the message's name.
+_FIRST_NAME = re.compile(rb"(?:Event|Response): ([^\n]*)").match
+
 
 def decode(raw: bytes) -> str:
     try:
@@ -303,11 +306,26 @@ class Message(Mapping[str, str]):
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         index = self._index
         if index is None:
-            found = self._search(name)
-            if found is None:
-                return default
-            if found is not _PARSE:
-                return found
+            # _search, inlined: the worker reads a header or two of every message this way.
+            spec = _spec_of(name)
+            raw = self.raw
+            if (
+                spec is not None
+                and not self._follows
+                and (not spec.kelvin or raw.isascii() or _KELVIN not in raw)
+            ):
+                found = None
+                if raw[:1] in spec.firsts:
+                    found = spec.first(raw)
+                if found is None:
+                    found = spec.later(raw)
+                    if found is None:
+                        return default
+                value = found[1]
+                try:
+                    return value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return value.decode("utf-8", "backslashreplace")
             index = self._parse()
         return index.get(_lower(name), default)
 
@@ -363,18 +381,18 @@ class Message(Mapping[str, str]):
         name = self._name
         if name is None:
             # Read on every hop of an event (race, document, handlers): worth keeping.
-            name = self._name = self._read_name()
+            found = _FIRST_NAME(self.raw)
+            if found is not None:
+                # The first line, without parsing the rest.
+                line = found[1].rstrip(b"\r")
+                try:
+                    name = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    name = line.decode("utf-8", "backslashreplace")
+            else:
+                name = self.get("Event") or self.get("Response") or ""
+            self._name = name
         return name
-
-    def _read_name(self) -> str:
-        raw = self.raw
-        if raw.startswith(b"Event: ") or raw.startswith(b"Response: "):
-            # Fast path: the first line, without parsing the rest.
-            start = raw.index(b": ") + 2
-            end = raw.find(b"\n", start)
-            line = raw[start:end] if end >= 0 else raw[start:]
-            return decode(line.rstrip(b"\r"))
-        return self.get("Event") or self.get("Response") or ""
 
     @property
     def action_id(self) -> str | None:
