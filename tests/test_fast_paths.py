@@ -375,3 +375,14 @@ def test_the_name_of_every_message_of_the_captures_is_what_it_was() -> None:
     for name in ("asterisk22-20-calls.txt", "asterisk22-actions.txt"):
         for message in capture_messages(name):
             assert message.name == reference_name(message.raw)
+
+
+def test_the_searches_made_for_names_are_bounded() -> None:
+    from amiworker.ami import message as module
+
+    raw = b"Event: A\r\nName7: seven\r\n\r\n"
+    for n in range(module._Specs._LIMIT + 100):
+        assert Message(raw).get(f"Name{n}") == ("seven" if n == 7 else None)
+    cache = module._spec_of.__self__  # type: ignore[attr-defined]
+    assert len(cache) <= module._Specs._LIMIT
+    assert Message(raw)["name7"] == "seven"

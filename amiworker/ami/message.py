@@ -109,7 +109,9 @@ class _Specs(dict[str, "_Spec | None"]):
     """Header name -> its search, or None when only the full parse can answer."""
 
     __slots__ = ()
-    _LIMIT = 4096  # a caller inventing names only ever costs this much
+    # A caller inventing names only ever costs this much (about 2 kB a name); AMI
+    # has a few hundred header names, and a program reads a few dozen of them.
+    _LIMIT = 1024
 
     def __missing__(self, name: str) -> _Spec | None:
         if len(self) >= self._LIMIT:
