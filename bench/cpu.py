@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from amiworker.ami.message import Message  # noqa: E402
 from amiworker.ami.protocol import Parser  # noqa: E402
 from amiworker.fleet.dispatch import HandlerContext, HandlerRegistry  # noqa: E402
+from amiworker.fleet.locktable import Claimed  # noqa: E402
 from amiworker.fleet.worker import Worker  # noqa: E402
 from amiworker.settings import Settings  # noqa: E402
 
@@ -102,12 +103,12 @@ class MemoryStore:
     def _won(self, key: str) -> bool:
         return int(key[:8], 16) % self.fleet == 0
 
-    async def claim(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def claim(self, docs: list[dict[str, Any]]) -> Claimed:
         if self.encode:
             for doc in docs:
                 bson.encode(doc)
         self.inserted += len(docs)
-        return [doc for doc in docs if self._won(doc["_id"])]
+        return Claimed([doc for doc in docs if self._won(doc["_id"])], [])
 
     async def ack_many(self, keys: list[Any]) -> int:
         if self.encode:

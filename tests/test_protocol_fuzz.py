@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from amiworker.ami.message import Message
 from amiworker.ami.protocol import DEFAULT_MAX_MESSAGE_SIZE, Parser, ProtocolError
+from tests.test_fast_paths import OTHER_NAMES, WORKER_NAMES, check_lookups
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
@@ -138,11 +139,33 @@ MUTATIONS: tuple[Mutation, ...] = (
 )
 
 
+def recase(draw: st.DrawFn, data: bytes) -> bytes:
+    """Some letters in the other case: header names as another Asterisk spells them."""
+    if not data:
+        return data
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 40))):
+        at = draw(st.integers(0, len(out) - 1))
+        out[at : at + 1] = out[at : at + 1].swapcase()
+    return bytes(out)
+
+
+def insert_header_bytes(draw: st.DrawFn, data: bytes) -> bytes:
+    """Bytes that change what a line's name is: colons, spaces, a KELVIN SIGN, not UTF-8."""
+    pieces = st.sampled_from(
+        [b":", b": ", b" ", b"\r\nUniqueid: ", b"\nlinkedid:", b"\xe2\x84\xaa", b"\xff", b"\xc3"]
+    )
+    for _ in range(draw(st.integers(1, 8))):
+        at = draw(st.integers(0, len(data)))
+        data = data[:at] + draw(pieces) + data[at:]
+    return data
+
+
 @st.composite
-def mutated_streams(draw: st.DrawFn) -> bytes:
+def mutated_streams(draw: st.DrawFn, mutations: tuple[Mutation, ...] = MUTATIONS) -> bytes:
     data = draw(streams())
     for _ in range(draw(st.integers(1, 3))):
-        mutation = draw(st.sampled_from(MUTATIONS))
+        mutation = draw(st.sampled_from(mutations))
         event(mutation.__name__)
         data = mutation(draw, data)
     return data
@@ -243,6 +266,24 @@ def test_unmutated_captures_give_the_same_messages_however_they_are_split(
     assert [m.headers for m in split.messages] == [m.headers for m in whole.messages]
     banner = stream.index(b"\n") + 1
     assert b"".join(split.raws) == stream[banner:]  # every byte after the banner, once
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(stream=mutated_streams((*MUTATIONS, recase, insert_header_bytes)))
+def test_one_header_of_mutated_captures_from_the_raw_bytes_is_what_the_index_gives(
+    stream: bytes,
+) -> None:
+    # Whatever the bytes, reading one header without the index (a search of the raw
+    # bytes) gives what the index of every header gives: the names the worker reads,
+    # and every name each message has, in its own spelling and lower-cased.
+    for message in feed(stream, [], DEFAULT_MAX_MESSAGE_SIZE).messages:
+        names = {name for name, _ in Message(message.raw, follows=message._follows).headers}
+        names.update(name.lower() for name in list(names))
+        check_lookups(message.raw, [*WORKER_NAMES, *OTHER_NAMES, *names], message._follows)
 
 
 # -- the cases the properties are about, spelled out ------------------------------------------

@@ -1,12 +1,16 @@
 """One AMI message: its exact bytes, and its headers read lazily from them.
 
 A worker that only needs the raw bytes (to hash them) or the event name pays
-for nothing else; the header index is built on first access.
+for nothing else. Reading one header (``Uniqueid``, ``ActionID``...) searches
+the raw bytes for its line; the header index of all of them is built only when
+that search cannot be sure of the answer, or when something needs every header.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
+from enum import Enum
 from operator import itemgetter
 from typing import Literal
 
@@ -47,6 +51,80 @@ def _index_of(parts: list[_Part]) -> dict[str, str]:
 
 
 MessageKind = Literal["event", "response", "unknown"]
+
+
+# -- one header from the raw bytes ------------------------------------------------------
+#
+# The full parse decodes the message, splits it into lines at "\n" (one "\r" before it
+# dropped), takes each line's name up to its first ": " (or a whole line "Name:" as an
+# empty value), and keeps the first value of each lower-cased name. One regular
+# expression on the raw bytes finds that same first line, without parsing the others:
+#
+# * a name made of ASCII letters, digits, "-" and "_" (every AMI header name) cannot
+#   hold ": ", so a line that starts with it, in any case, then ": " has exactly that
+#   name, and so has a whole line of it and ":" ("\r\n", "\n" or the end after it);
+# * a bytes pattern ignores ASCII case only, and no other line can have that name:
+#   among all of Unicode only A-Z and the KELVIN SIGN (U+212A, to "k") lower to an
+#   ASCII letter (U+0130 lowers to two characters, one not ASCII), and an undecodable
+#   byte becomes "\\xNN", which holds a backslash. A message with a KELVIN SIGN is
+#   left to the full parse when the name has a "k";
+# * the value runs to the next "\n" (without the "\r" before it), and only those bytes
+#   are decoded: a UTF-8 error never spans an ASCII byte, so they decode as they would
+#   within the whole message.
+#
+# A "Response: Follows" reply (its body is not headers) and a name these rules do not
+# cover are left to the full parse.
+
+
+class _Search(Enum):
+    PARSE = 0  # only the full parse can tell: build the index
+
+
+_PARSE = _Search.PARSE
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_KELVIN = "\u212a".encode()
+_Find = Callable[[bytes], "re.Match[bytes] | None"]
+# What follows "Name:" on a header line: " " and the value (captured), or the line's end
+# (an empty value). The value runs to the line's end, less a "\r" right before the "\n".
+_VALUE = rb"(?: |(?=\r?\n|\Z))([^\r\n]*(?:\r+(?!\n)[^\r\n]*)*)"
+
+
+class _Spec:
+    """The search for one header name, made once per name."""
+
+    __slots__ = ("first", "firsts", "kelvin", "later")
+
+    def __init__(self, name: str) -> None:
+        lowered = name.lower().encode("ascii")
+        line = b"(?i:" + re.escape(lowered) + b"):" + _VALUE
+        #: On the first line, and on the lines after it ("\n" makes the search fast).
+        self.first: _Find = re.compile(line).match
+        self.later: _Find = re.compile(b"\n" + line).search
+        #: What the message must start with for its first line to be one.
+        self.firsts = frozenset((lowered[:1], lowered[:1].upper()))
+        self.kelvin = b"k" in lowered
+
+
+class _Specs(dict[str, "_Spec | None"]):
+    """Header name -> its search, or None when only the full parse can answer."""
+
+    __slots__ = ()
+    # A caller inventing names only ever costs this much (about 2 kB a name); AMI
+    # has a few hundred header names, and a program reads a few dozen of them.
+    _LIMIT = 1024
+
+    def __missing__(self, name: str) -> _Spec | None:
+        if len(self) >= self._LIMIT:
+            self.clear()
+        ok = isinstance(name, str) and name.isascii() and _TOKEN.fullmatch(name) is not None
+        spec = self[name] = _Spec(name) if ok else None
+        return spec
+
+
+_spec_of = _Specs().__getitem__
+
+# The usual first line, whose value is the message's name.
+_FIRST_NAME = re.compile(rb"(?:Event|Response): ([^\n]*)").match
 
 
 def decode(raw: bytes) -> str:
@@ -193,23 +271,82 @@ class Message(Mapping[str, str]):
                 result[key] = [previous, value]
         return result
 
+    def _search(self, name: str) -> str | _Search | None:
+        """The first value of header ``name`` from the raw bytes (see "one header from
+        the raw bytes" above); None if it is absent; ``_PARSE`` if only the full parse
+        can tell."""
+        spec = _spec_of(name)
+        if spec is None or self._follows:
+            return _PARSE
+        raw = self.raw
+        if spec.kelvin and not raw.isascii() and _KELVIN in raw:
+            return _PARSE
+        found = None
+        if raw[:1] in spec.firsts:
+            found = spec.first(raw)
+        if found is None:
+            found = spec.later(raw)
+            if found is None:
+                return None
+        value = found[1]
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("utf-8", "backslashreplace")
+
     def __getitem__(self, name: str) -> str:
         index = self._index
         if index is None:
+            found = self._search(name)
+            if found is None:
+                raise KeyError(name)
+            if found is not _PARSE:
+                return found
             index = self._parse()
         return index[_lower(name)]
 
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
         index = self._index
         if index is None:
+            # _search, inlined: the worker reads a header or two of every message this way.
+            spec = _spec_of(name)
+            raw = self.raw
+            if (
+                spec is not None
+                and not self._follows
+                and (not spec.kelvin or raw.isascii() or _KELVIN not in raw)
+            ):
+                found = None
+                if raw[:1] in spec.firsts:
+                    found = spec.first(raw)
+                if found is None:
+                    found = spec.later(raw)
+                    if found is None:
+                        return default
+                value = found[1]
+                try:
+                    return value.decode("utf-8")
+                except UnicodeDecodeError:
+                    return value.decode("utf-8", "backslashreplace")
             index = self._parse()
         return index.get(_lower(name), default)
 
     def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        index = self._index
+        if index is None:
+            found = self._search(name)
+            if found is not _PARSE:
+                return found is not None
+            index = self._parse()
+        return _lower(name) in index
+
+    def __len__(self) -> int:
         index = self._index
         if index is None:
             index = self._parse()
-        return isinstance(name, str) and _lower(name) in index
+        return len(index)
 
     def __iter__(self) -> Iterator[str]:
         seen: set[str] = set()
@@ -218,12 +355,6 @@ class Message(Mapping[str, str]):
             if key not in seen:
                 seen.add(key)
                 yield name
-
-    def __len__(self) -> int:
-        index = self._index
-        if index is None:
-            index = self._parse()
-        return len(index)
 
     def getall(self, name: str) -> list[str]:
         """Every value of header ``name`` (any case), in the order sent."""
@@ -239,7 +370,7 @@ class Message(Mapping[str, str]):
             return "event"
         if raw.startswith(b"Response: "):
             return "response"
-        # Unusual first header: fall back to a full parse.
+        # Unusual first header: search the other lines.
         if "event" in self:
             return "event"
         if "response" in self:
@@ -252,18 +383,18 @@ class Message(Mapping[str, str]):
         name = self._name
         if name is None:
             # Read on every hop of an event (race, document, handlers): worth keeping.
-            name = self._name = self._read_name()
+            found = _FIRST_NAME(self.raw)
+            if found is not None:
+                # The first line, without parsing the rest.
+                line = found[1].rstrip(b"\r")
+                try:
+                    name = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    name = line.decode("utf-8", "backslashreplace")
+            else:
+                name = self.get("Event") or self.get("Response") or ""
+            self._name = name
         return name
-
-    def _read_name(self) -> str:
-        raw = self.raw
-        if raw.startswith(b"Event: ") or raw.startswith(b"Response: "):
-            # Fast path: the first line, without parsing the rest.
-            start = raw.index(b": ") + 2
-            end = raw.find(b"\n", start)
-            line = raw[start:end] if end >= 0 else raw[start:]
-            return decode(line.rstrip(b"\r"))
-        return self.get("Event") or self.get("Response") or ""
 
     @property
     def action_id(self) -> str | None:
