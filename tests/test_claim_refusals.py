@@ -22,6 +22,7 @@ import pytest
 from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.fleet.claimqueue import ClaimQueue
 from amiworker.fleet.claims import Claimer, Pending
 from amiworker.fleet.dedup import DedupKeys
 from amiworker.fleet.documents import event_document
@@ -117,7 +118,7 @@ async def claim_all(
         dedup_window=60.0,
         batch_size=100,
         batch_delay=0.0,
-        buffer_size=100,
+        queue=ClaimQueue(high_water=100, stats=stats),
     )
     for item in items:
         claimer.submit(item)
