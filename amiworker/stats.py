@@ -12,6 +12,9 @@ class WorkerStats:
     events_seen: int = 0  # events read from every PBX, own-action replies excluded
     races_won: int = 0  # claims this worker inserted first
     races_lost: int = 0  # claims another worker had inserted (duplicate key)
+    owned: int = 0  # hedged mode: events this worker owned (claimed at once)
+    hedged: int = 0  # hedged mode: events claimed as a standby (owner silent, or window full)
+    covered: int = 0  # hedged mode: events forgotten as a standby, their owner's claim seen
     local: int = 0  # events that do not race, handled here as in every worker
     handled: int = 0  # handler runs that finished
     failed: int = 0  # handler runs that raised or timed out

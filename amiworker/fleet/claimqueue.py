@@ -59,10 +59,13 @@ class ClaimQueue:
         high_water: int,
         stats: WorkerStats,
         open_spill: Callable[[], Spill] | None = None,
+        on_lost: Callable[[str, str], None] | None = None,
     ) -> None:
         self._high_water = high_water
         self._stats = stats
         self._open_spill = open_spill
+        # (server, key) of each event dropped: hedged mode must not cover it.
+        self._on_lost = on_lost
         self._memory: deque[Pending] = deque()
         self._spill: Spill | None = None
         self._thread: ThreadPoolExecutor | None = None
@@ -148,6 +151,8 @@ class ClaimQueue:
         if self._spill is None or len(self._to_spill) >= self._high_water:
             # No spill, or the disk does not keep up with the reader.
             self._drop_many(1)
+            if self._on_lost is not None:
+                self._on_lost(item.server, item.key)
             return
         if not self._spilling:
             self._spilling = True
@@ -207,6 +212,9 @@ class ClaimQueue:
             self._stats.spilled += accepted
             if accepted < len(batch):
                 self._drop_many(len(batch) - accepted)
+                if self._on_lost is not None:
+                    for event in batch[accepted:]:
+                        self._on_lost(event.server, event.key)
             self._ready.set()
 
     # -- the claim loop's side ---------------------------------------------------------

@@ -64,6 +64,7 @@ class Claimer:
         health: StoreHealth,
         needs_run: Callable[[str], bool] = lambda event_name: True,
         room: Callable[[], int] = lambda: 1 << 30,
+        on_settled: Callable[[list[Pending]], None] | None = None,
         dedup_window: float,
         batch_size: int,
         batch_delay: float,
@@ -77,6 +78,7 @@ class Claimer:
         self._health = health
         self._needs_run = needs_run
         self._room = room
+        self._on_settled = on_settled
         self._dedup_window = dedup_window
         self._batch_size = batch_size
         self._batch_delay = batch_delay
@@ -90,12 +92,17 @@ class Claimer:
 
     # -- the reader's side: never waits ----------------------------------------------
 
-    def submit(self, item: Pending) -> None:
-        """Key the event (in arrival order: the key depends on it) and queue it."""
+    def key(self, item: Pending) -> None:
+        """Key the event: in arrival order, as the key depends on it."""
         keys = self._keys.get(item.server)
         if keys is None:
             keys = self._keys[item.server] = DedupKeys(item.server, self._dedup_window)
         item.key = keys.key(item.message.raw, item.received_mono)
+
+    def submit(self, item: Pending) -> None:
+        """Queue the event for its claim (keyed here unless it was already)."""
+        if not item.key:
+            self.key(item)
         self.queue.put(item)
 
     @property
@@ -130,6 +137,8 @@ class Claimer:
             try:
                 await self._claim(batch.items)
                 self._claiming = []
+                if self._on_settled is not None:
+                    self._on_settled(batch.items)
                 await queue.settle(batch)
             finally:
                 self._in_flight = 0

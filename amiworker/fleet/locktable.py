@@ -88,6 +88,7 @@ class Runnable(NamedTuple):
 
 
 WORKERS_COLLECTION: Final = "workers"
+COVERAGE_COLLECTION: Final = "coverage"
 _MAX_UNSETTLED: Final = 1_000_000
 # Write errors of one document that are the store's state, not the document's:
 # retried like an unreachable store (not primary, shutting down, interrupted,
@@ -121,6 +122,7 @@ class LockTable:
         self.worker_id = worker_id
         self.events = database[collection]
         self.workers = database[WORKERS_COLLECTION]
+        self.coverage_docs = database[COVERAGE_COLLECTION]
         # A claim must survive a failover, or two workers could both win an event.
         # wtimeout: a replica set that cannot reach a majority must not hold a claim
         # for ever (the client's timeoutMS bounds the rest of the call).
@@ -389,12 +391,32 @@ class LockTable:
 
     async def forget_worker(self, worker: Any, cutoff: datetime) -> None:
         """Delete the row of a worker whose heartbeat is older than ``cutoff`` (dead,
-        or stopped) once it holds nothing. Only while still expired: a worker that
-        was merely slow may be back."""
+        or stopped) once it holds nothing, and its coverage (hedged mode). Only while
+        still expired: a worker that was merely slow may be back."""
         try:
-            await self.workers.delete_one({"_id": worker, "last_seen": {"$lt": cutoff}})
+            deleted = await self.workers.delete_one({"_id": worker, "last_seen": {"$lt": cutoff}})
+            if deleted.deleted_count:
+                await self.coverage_docs.delete_one({"_id": worker})
         except PyMongoError as exc:
             raise self._unavailable("forget a dead worker", exc) from None
+
+    # -- hedged mode's coverage ---------------------------------------------------------
+
+    async def publish_coverage(self, fields: Mapping[str, Any]) -> None:
+        """This worker's coverage document (fleet.hedging, fleet.coverage)."""
+        try:
+            await self.coverage_docs.update_one(
+                {"_id": self.worker_id}, {"$set": dict(fields)}, upsert=True
+            )
+        except PyMongoError as exc:
+            raise self._unavailable("publish coverage", exc) from None
+
+    async def coverage(self) -> list[dict[str, Any]]:
+        """Every worker's coverage document."""
+        try:
+            return [doc async for doc in self.coverage_docs.find({})]
+        except PyMongoError as exc:
+            raise self._unavailable("read coverage", exc) from None
 
     # -- taking over -------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from amiworker.fleet.dispatch import (
 from amiworker.fleet.documents import event_document
 from amiworker.fleet.health import StoreHealth
 from amiworker.fleet.heartbeat import RUNNING, STOPPED, STOPPING, Heartbeat
+from amiworker.fleet.hedging import Hedging
 from amiworker.fleet.locktable import LockTable, StoreUnavailable
 from amiworker.fleet.metrics import start_worker_metrics
 from amiworker.fleet.outcomes import Outcomes
@@ -143,10 +144,33 @@ class Worker:
                 high_water=settings.buffer_size,
                 stats=self.stats,
                 open_spill=self._open_spill if settings.spill_max_bytes else None,
+                on_lost=self._on_lost,
             ),
+            on_settled=self._on_settled,
         )
+        #: Hedged mode's owner/standby decisions and coverage; None in race mode.
+        self.hedging: Hedging | None = None
+        if settings.claim_mode == "hedged":
+            self.hedging = Hedging(
+                self.store,
+                worker_id=self.worker_id,
+                servers=[server.name for server in settings.servers],
+                hedge_delay=settings.hedge_delay,
+                window=settings.hedge_window,
+                lease=settings.lease,
+                # Owning under the old view and the new one for this long after a
+                # change covers the workers that see it an exchange or two later.
+                transition=settings.hedge_delay,
+                stats=self.stats,
+                health=self.health,
+                claim=self._claim_hedges,
+                connected=self._connected,
+            )
         self.heartbeat = Heartbeat(
-            self.store, self.health, settings.heartbeat_interval, self.heartbeat_info
+            self.store,
+            self.health,
+            settings.heartbeat_interval,
+            self.heartbeat_info,
         )
         self.takeover = Takeover(
             self.store,
@@ -177,13 +201,38 @@ class Worker:
             self._check_timestamps(server, message)
         now = time.monotonic()
         if races(message, self.settings.race):
-            self.claimer.submit(Pending(server, message, datetime.now(UTC), now))
+            item = Pending(server, message, datetime.now(UTC), now)
+            hedging = self.hedging
+            if hedging is None:
+                self.claimer.submit(item)
+                return
+            self.claimer.key(item)
+            if hedging.route(item):
+                self.claimer.submit(item)
         elif self.scheduler.wants(message.name):
             self.stats.local += 1
             self.scheduler.submit(Job(server, message, None, now))
 
     def _on_session(self, server: str) -> None:
         self._unchecked.add(server)
+        if self.hedging is not None:
+            self.hedging.session(server)
+
+    def _connected(self) -> dict[str, bool]:
+        return {name: bool(status["connected"]) for name, status in self.pool.status().items()}
+
+    def _claim_hedges(self, items: list[Pending]) -> None:
+        """Standby events to claim now: their owner did not, or the window is full."""
+        for item in items:
+            self.claimer.submit(item)
+
+    def _on_settled(self, items: list[Pending]) -> None:
+        if self.hedging is not None:
+            self.hedging.settled(items)
+
+    def _on_lost(self, server: str, key: str) -> None:
+        if self.hedging is not None:
+            self.hedging.coverage.lost(server, key)
 
     def _check_timestamps(self, server: str, message: Message) -> None:
         if message.name == "FullyBooted":
@@ -249,6 +298,8 @@ class Worker:
             asyncio.create_task(self.takeover.run(), name="takeover"),
         }
         indexes = asyncio.create_task(self._prepare_store(), name="indexes")
+        if self.hedging is not None:
+            loops.add(asyncio.create_task(self.hedging.run(), name="hedging"))
         stop_metrics = await start_worker_metrics(self, self.settings.metrics_port, self.index)
         await self.pool.start()
         log.info(
@@ -291,6 +342,12 @@ class Worker:
         self.state = STOPPING
         log.info("stopping: no new claims; releasing unstarted events, finishing handlers")
         by_name = {task.get_name(): task for task in loops}
+        if self.hedging is not None:
+            # Own nothing from now on: the others see it at once (the row, and a final
+            # coverage record), and hedge what this worker will not claim.
+            self.hedging.coverage.leaving = True
+            with contextlib.suppress(StoreUnavailable):
+                await self.hedging.exchange()
         claims, takeover = by_name["claims"], by_name["takeover"]
         self.takeover.stop()
         await asyncio.wait({takeover}, timeout=settings.store_timeout * 3)
@@ -335,7 +392,7 @@ class Worker:
                 self.outcomes.pending,
             )
         # Holding nothing now: the lease may go.
-        await cancel_until_done([outcomes, by_name["heartbeat"]])
+        await cancel_until_done([outcomes, by_name["heartbeat"], *_named(by_name, "hedging")])
         self.state = STOPPED
         if not await self.heartbeat.beat_once():
             log.warning("could not record the stop in MongoDB")
@@ -383,6 +440,8 @@ class Worker:
             "counters": self.stats.as_dict(),
             "queue_depth": self.claimer.depth + self.scheduler.depth,
             "backlog": self.scheduler.depth,
+            "mode": self.settings.claim_mode,
+            "window": self.hedging.window_depth() if self.hedging is not None else None,
             "spill": self.claimer.queue.spill_info(),
             "handlers": self.registry.event_names(),
         }
@@ -397,6 +456,10 @@ class Worker:
                 self.health.failed(exc)
             await asyncio.sleep(full_jitter(attempt, 0.5, 10.0))
             attempt += 1
+
+
+def _named(tasks: dict[str, asyncio.Task[None]], *names: str) -> list[asyncio.Task[None]]:
+    return [tasks[name] for name in names if name in tasks]
 
 
 def run_worker_process(settings: Settings, index: int | None = None) -> None:

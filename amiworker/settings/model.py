@@ -165,6 +165,27 @@ class Settings(BaseSettings):
         description="Which events race through MongoDB: those of a channel (carrying a "
         "*Uniqueid header), all, or none (every worker handles every event).",
     )
+    claim_mode: Literal["race", "hedged"] = Field(
+        default="race",
+        description="race: every worker inserts every raced event, the first insert wins "
+        "(the documented pattern). hedged: each event's owner inserts it, the others "
+        "insert only what its owner has not covered after hedge_delay (one insert per "
+        "event, the same redundancy).",
+    )
+    hedge_delay: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="hedged: seconds a standby waits for an event's owner to claim it "
+        "before claiming it itself (times its standby rank).",
+    )
+    hedge_window: int = Field(
+        default=50_000,
+        ge=100,
+        le=10_000_000,
+        description="hedged: events a standby keeps while their owners claim them; a full "
+        "window claims its oldest events itself (as race mode), never drops them.",
+    )
     batch_size: int = Field(
         default=2000, ge=1, le=100_000, description="Most events per claim (insert_many)."
     )

@@ -1,0 +1,193 @@
+"""Hedged claims: one insert per event, with every worker still a standby for every event.
+
+``claim_mode = "hedged"``. Every worker still holds a session to every PBX and
+sees every event; for each raced event:
+
+* its **owner** (fleet.ownership: rendezvous hashing over the workers that are
+  live and connected to that PBX) claims it at once, exactly as in race mode;
+* every other worker keeps it as a **standby** (fleet.standby), and forgets it
+  once the owner's **coverage** (fleet.coverage: a watermark per PBX session)
+  has passed it; what is still uncovered after ``hedge_delay`` (times the
+  standby's rank) is claimed by the standby: a missing owner costs one extra
+  insert, not N-1.
+
+The unique ``_id`` still decides every race, so a wrong guess anywhere costs an
+extra insert, never a second run: what can be lost is only what no worker
+received, as in race mode.
+
+This module ties them to the worker: the reader's per-event decision (never
+waits), and the exchange loop. Every ``hedge_delay / 4`` each worker writes
+one small document in the ``coverage`` collection (a beat counter, running or
+leaving, its sessions per PBX and their coverage) and reads everyone's: the
+views come from those documents (a worker whose beat has not moved for a lease
+is dead; one leaving or whose session is down owns nothing), so a change
+reaches every worker within an exchange or two, and the ``transition`` during
+which a worker owns under both views stays short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from amiworker.fleet.coverage import Coverage
+from amiworker.fleet.ownership import Ownership
+from amiworker.fleet.pending import Pending
+from amiworker.fleet.standby import Standby
+from amiworker.mongo import StoreUnavailable
+from amiworker.stats import WorkerStats
+
+if TYPE_CHECKING:
+    from amiworker.fleet.health import StoreHealth
+    from amiworker.fleet.locktable import LockTable
+
+__all__ = ["Hedging"]
+
+log = logging.getLogger("amiworker.fleet.hedging")
+
+# Coverage is exchanged this many times per hedge_delay: often enough that a
+# standby rarely waits, and a handful of small writes a second per worker.
+_EXCHANGES_PER_DELAY: Final = 4
+_MIN_INTERVAL: Final = 0.05
+
+
+class Hedging:
+    def __init__(
+        self,
+        store: LockTable,
+        *,
+        worker_id: str,
+        servers: list[str],
+        hedge_delay: float,
+        window: int,
+        lease: float,
+        transition: float,
+        stats: WorkerStats,
+        health: StoreHealth,
+        claim: Callable[[list[Pending]], None],
+        connected: Callable[[], dict[str, bool]],
+    ) -> None:
+        self._store = store
+        self._me = worker_id
+        self._connected = connected
+        self._servers = servers
+        self._lease = lease
+        self._stats = stats
+        self._health = health
+        self._claim = claim
+        self._interval = max(_MIN_INTERVAL, hedge_delay / _EXCHANGES_PER_DELAY)
+        self.ownership = Ownership(worker_id, transition)
+        self.coverage = Coverage(self.ownership)
+        self.standby = Standby(
+            me=worker_id,
+            hedge_delay=hedge_delay,
+            window=window,
+            hedge=self._hedge,
+            on_covered=self._covered,
+        )
+        self._beat = 0
+        # worker -> (its last beat, monotonic time it last moved)
+        self._beats: dict[str, tuple[int, float]] = {}
+
+    # -- the reader's side: never waits ----------------------------------------------------
+
+    def route(self, item: Pending) -> bool:
+        """Decide for one keyed, raced event: True to claim it now (this worker owns
+        it), False when it is kept as a standby."""
+        pbx, key = item.server, item.key
+        owned = self.ownership.owns(pbx, key)
+        self.standby.seen(pbx, key)
+        self.coverage.note(pbx, key, owned)
+        if owned:
+            self._stats.owned += 1
+            return True
+        assignments, rank = self.ownership.standby(pbx, key)
+        self.standby.keep(pbx, item, assignments, rank)
+        return False
+
+    def session(self, pbx: str) -> None:
+        """This worker's session with ``pbx`` is opening."""
+        self.coverage.begin(pbx)
+        self.standby.session(pbx)
+
+    def settled(self, items: list[Pending]) -> None:
+        """Claimed (won, lost or refused), in arrival order."""
+        settled = self.coverage.settled
+        for item in items:
+            settled(item.server, item.key)
+
+    def lost(self, item: Pending) -> None:
+        self.coverage.lost(item.server, item.key)
+
+    def _hedge(self, items: list[Pending]) -> None:
+        self._stats.hedged += len(items)
+        self._claim(items)
+
+    def _covered(self, count: int) -> None:
+        self._stats.covered += count
+
+    # -- the exchange loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Publish coverage, read the others', hedge what is due; until cancelled."""
+        while True:
+            started = time.monotonic()
+            try:
+                await self.exchange()
+                self._health.answered()
+            except StoreUnavailable as exc:
+                self._health.failed(exc)
+            hedges = self.standby.due(time.monotonic(), store_up=not self._health.down)
+            if hedges:
+                self._hedge(hedges)
+            await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    async def exchange(self) -> None:
+        """Publish this worker's document, read everyone's: coverage, then views."""
+        self._beat += 1
+        connected = self._connected()
+        records = self.coverage.records()
+        await self._store.publish_coverage(
+            {
+                "beat": self._beat,
+                "state": "leaving" if self.coverage.leaving else "running",
+                "pbxs": {
+                    pbx: {**records.get(pbx, {}), "connected": connected.get(pbx, False)}
+                    for pbx in self._servers
+                },
+            }
+        )
+        docs = await self._store.coverage()
+        now = time.monotonic()
+        self.standby.exchanges += 1
+        for doc in docs:
+            if doc["_id"] != self._me:
+                self.standby.apply(str(doc["_id"]), doc.get("pbxs") or {}, now)
+        self._update_views(docs, now)
+
+    def _update_views(self, docs: list[dict[str, Any]], now: float) -> None:
+        beats = self._beats
+        live = set()
+        for doc in docs:
+            worker = str(doc["_id"])
+            beat = int(doc.get("beat") or 0)
+            last = beats.get(worker)
+            if last is None or last[0] != beat:
+                beats[worker] = last = (beat, now)
+            if now - last[1] < self._lease and doc.get("state") == "running":
+                live.add(worker)
+        for pbx in self._servers:
+            eligible = [
+                str(doc["_id"])
+                for doc in docs
+                if str(doc["_id"]) in live
+                and ((doc.get("pbxs") or {}).get(pbx) or {}).get("connected")
+            ]
+            if self.ownership.update(pbx, eligible, now):
+                log.info("%s: owned by %d worker(s) now", pbx, len(eligible), extra={"server": pbx})
+
+    def window_depth(self) -> int:
+        return self.standby.depth

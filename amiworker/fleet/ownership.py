@@ -1,0 +1,182 @@
+"""Hedged mode: which worker owns an event, by rendezvous hashing over a view of the fleet.
+
+A *view* of one PBX is the sorted tuple of the workers eligible to own its
+events: in hedged mode, running, coverage record fresh, session to that PBX up,
+as the ``coverage`` documents say (fleet.hedging reads them every exchange).
+Every worker derives it from the same documents, so views agree except while
+a change propagates (an exchange interval or so).
+
+For an event, every worker of the view gets a score from the event's key and
+its own id; the highest score owns the event, the next is rank 1 of its
+standbys, and so on. Adding or removing a worker moves only the events it wins
+or held (rendezvous hashing), and ownership spreads evenly.
+
+Views may disagree; that must never leave an event with no owner. So for
+``transition`` seconds after its view changes a worker owns what it owns in
+the old view *or* the new one, and it declares, with its coverage, which views
+it owned under (fleet.coverage): a standby forgets an event only if the owner
+it expected declared owning under the view the standby used. A disagreement
+costs a double insert, never a lost event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["Assignment", "Ownership", "View", "owner_under", "owns_under"]
+
+_MASK64: Final = (1 << 64) - 1
+
+
+def _worker_hash(worker_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=8).digest(), "big")
+
+
+def _event_hash(key: str) -> int:
+    # The key is a hex digest already: its first 64 bits are as good as any hash of it.
+    return int(key[:16], 16)
+
+
+def _score(event: int, worker: int) -> int:
+    # splitmix64's finaliser: cheap in Python, and it spreads the xor of two hashes.
+    z = (event ^ worker) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """The workers eligible to own one PBX's events, and a short name for the set."""
+
+    workers: tuple[str, ...]
+    name: str
+    hashes: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def of(cls, workers: Iterable[str]) -> View:
+        members = tuple(sorted(set(workers)))
+        name = hashlib.blake2b("\n".join(members).encode(), digest_size=6).hexdigest()
+        return cls(members, name, tuple((_worker_hash(w), w) for w in members))
+
+    def ranking(self, key: str) -> list[str]:
+        """The view's workers for the event ``key``, owner first."""
+        event = _event_hash(key)
+        scored = sorted(((_score(event, h), w) for h, w in self.hashes), reverse=True)
+        return [worker for _, worker in scored]
+
+    def owner(self, key: str) -> str | None:
+        event = _event_hash(key)
+        best, owner = -1, None
+        for h, worker in self.hashes:
+            score = _score(event, h)
+            if score > best:
+                best, owner = score, worker
+        return owner
+
+
+_known_views: dict[tuple[str, ...], View] = {}
+
+
+def _view(workers: Sequence[str]) -> View:
+    members = tuple(workers)
+    view = _known_views.get(members)
+    if view is None:
+        if len(_known_views) > 256:  # views come and go: stay bounded
+            _known_views.clear()
+        view = _known_views[members] = View.of(members)
+    return view
+
+
+def owns_under(key: str, worker: str, views: Sequence[Sequence[str]]) -> bool:
+    """Whether ``worker`` owns the event ``key`` under any of ``views`` (lists of the
+    eligible workers, as a coverage record declares them)."""
+    return any(_view(view).owner(key) == worker for view in views if worker in view)
+
+
+def owner_under(key: str, view: Sequence[str]) -> str | None:
+    return _view(view).owner(key)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Who a standby expects to claim an event: ``owner`` under the view named ``view``."""
+
+    view: str
+    owner: str
+
+
+class Ownership:
+    """This worker's views, one per PBX, with the ones it held within ``transition`` s."""
+
+    def __init__(self, me: str, transition: float) -> None:
+        self.me = me
+        self.transition = transition
+        self._views: dict[str, View] = {}
+        # PBX -> [(view, monotonic time it stopped being current)], newest last.
+        self._recent: dict[str, list[tuple[View, float]]] = {}
+        #: Bumped at every view change (the coverage splits its segments there).
+        self.changes = 0
+
+    def ready(self, pbx: str) -> bool:
+        """Whether a view of ``pbx`` is known (before that, claim everything: race)."""
+        return pbx in self._views
+
+    def update(self, pbx: str, workers: Iterable[str], now: float | None = None) -> bool:
+        """Install the current view of ``pbx``; True if it changed."""
+        now = time.monotonic() if now is None else now
+        view = View.of(workers)
+        current = self._views.get(pbx)
+        if current is not None and current.workers == view.workers:
+            return False
+        if current is not None:
+            self._recent.setdefault(pbx, []).append((current, now))
+        self._views[pbx] = view
+        self.changes += 1
+        return True
+
+    def views(self, pbx: str, now: float | None = None) -> list[View]:
+        """The current view and those it replaced within ``transition`` s, current first."""
+        current = self._views.get(pbx)
+        if current is None:
+            return []
+        now = time.monotonic() if now is None else now
+        recent = self._recent.get(pbx)
+        if recent:
+            kept = [(v, ended) for v, ended in recent if now - ended < self.transition]
+            if len(kept) != len(recent):
+                recent[:] = kept
+                self.changes += 1  # the set of views owned under has shrunk
+            return [current, *(v for v, _ in reversed(kept) if v.name != current.name)]
+        return [current]
+
+    def view_lists(self, pbx: str) -> list[list[str]]:
+        """The views in force, as lists of workers (what a coverage segment declares)."""
+        return [list(v) for v in sorted({view.workers for view in self.views(pbx)})]
+
+    def owns(self, pbx: str, key: str) -> bool:
+        """Whether this worker owns the event in any view it holds now."""
+        views = self.views(pbx)
+        if not views:
+            return True  # no view yet: claim, as in race mode
+        me = self.me
+        return any(view.owner(key) == me for view in views)
+
+    def standby(self, pbx: str, key: str) -> tuple[list[Assignment], int]:
+        """For an event this worker does not own: who should claim it under each view,
+        and this worker's standby rank in the current view (1 = first to hedge)."""
+        views = self.views(pbx)
+        assignments: list[Assignment] = []
+        for view in views:
+            owner = view.owner(key)
+            if owner is not None:
+                assignments.append(Assignment(view.name, owner))
+        current = views[0] if views else None
+        rank = len(current.workers) + 1 if current is not None else 1
+        if current is not None and self.me in current.workers:
+            rank = current.ranking(key).index(self.me)
+        return assignments, max(rank, 1)

@@ -1,0 +1,352 @@
+"""Hedged mode, the standby's side: events another worker owns, until its claim covers them.
+
+For each raced event it does not own, a worker keeps the event (the message it
+already has: nothing is parsed or built) in a window, with who should claim it
+(fleet.ownership) and a deadline: ``hedge_delay`` times its standby rank. Each
+owner's coverage record (fleet.coverage) is placed in this worker's own stream
+by key: every session receives the same events in the same order, so the
+owner's watermark sits at one position here too. An event the watermark
+passes is forgotten if the owner declared owning under the view this worker
+used for it; otherwise no one claimed it, and it is hedged at its deadline.
+
+At the deadline an event still uncovered is hedged (claimed here, through the
+same unique ``_id``) unless its owner is visibly at work on it: its record is
+fresh and its watermark moving (a busy store delays an owner; hedging then would
+only add the inserts that make it slower). MongoDB itself away: nobody can
+claim; the deadline waits.
+
+Positions: a counter per PBX over every raced event received, and an index from
+key to position for the recent ones, contiguous within this worker's current
+session. A key not in the index that precedes one that is must precede the
+index itself; that is how a watermark whose session began long ago is placed.
+
+A full window hedges its oldest events at once (race mode), never drops them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from amiworker.fleet.ownership import Assignment, owner_under, owns_under
+from amiworker.fleet.pending import Pending
+
+__all__ = ["Standby"]
+
+# An owner at work may delay a hedge at most this many hedge_delays.
+_MAX_EXTENSIONS: Final = 30
+# An owner is at work while its watermark has moved within this many exchanges
+# (counted in exchanges, not seconds: a saturated store slows every exchange,
+# and must not make the owners it slows look dead).
+_AT_WORK_EXCHANGES: Final = 8
+_NEVER: Final = float("inf")
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    key: str
+    pbx: str
+    position: int
+    item: Pending
+    assignments: list[Assignment]
+    deadline: float
+    undecided: int  # expected owners that have not passed it uncovered yet
+    tried: set[str] = field(default_factory=set)  # owners it was queued for
+    extensions: int = 0
+    live: bool = True
+
+
+@dataclass(slots=True)
+class _Owner:
+    """What this worker knows of one owner's coverage of one PBX."""
+
+    sid: str | None = None
+    record: Mapping[str, Any] | None = None
+    mark: str | None = None
+    mark_moved: int = -(1 << 30)  # the exchange in which its watermark last moved
+    waiting_on: str | None = None  # a key not received here yet that the record needs
+    queue: deque[_Entry] = field(default_factory=deque)  # its entries, by position
+    late: list[_Entry] = field(default_factory=list)  # queued for it after newer ones
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One PBX as this worker receives it."""
+
+    index: dict[str, int] = field(default_factory=dict)
+    order: deque[tuple[str, int]] = field(default_factory=deque)
+    next_position: int = 0
+    index_start: int = 0
+    session_start: int = 0
+    owners: dict[str, _Owner] = field(default_factory=dict)
+    waiting: dict[str, set[str]] = field(default_factory=dict)  # key -> owners waiting on it
+
+
+class Standby:
+    def __init__(
+        self,
+        *,
+        me: str,
+        hedge_delay: float,
+        window: int,
+        hedge: Callable[[list[Pending]], None],
+        on_covered: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self._me = me
+        self._delay = hedge_delay
+        self._window = window
+        self._index_max = max(4 * window, 10_000)
+        self._hedge = hedge
+        self._on_covered = on_covered
+        self._streams: dict[str, _Stream] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._arrivals: deque[_Entry] = deque()
+        self._by_rank: dict[int, deque[_Entry]] = {}
+        #: Exchanges of coverage so far (fleet.hedging counts them).
+        self.exchanges = 0
+
+    @property
+    def depth(self) -> int:
+        """Events waiting in the window."""
+        return len(self._entries)
+
+    def _stream(self, pbx: str) -> _Stream:
+        stream = self._streams.get(pbx)
+        if stream is None:
+            stream = self._streams[pbx] = _Stream()
+        return stream
+
+    # -- the reader's side: never waits ----------------------------------------------------
+
+    def session(self, pbx: str) -> None:
+        """This worker's own session with ``pbx`` starts: positions before it are not
+        contiguous with what follows (its gap), and only a record whose first key is
+        found can judge them."""
+        stream = self._stream(pbx)
+        stream.session_start = stream.next_position
+
+    def seen(self, pbx: str, key: str) -> None:
+        """Every raced event, owned or not, in arrival order: its position."""
+        stream = self._stream(pbx)
+        position = stream.next_position
+        stream.next_position = position + 1
+        stream.index[key] = position
+        stream.order.append((key, position))
+        if len(stream.order) > self._index_max:
+            self._trim_index(stream)
+        waiting = stream.waiting.pop(key, None)
+        if waiting:
+            # An owner's record named this key before it reached us: apply it now.
+            for owner in waiting:
+                state = stream.owners.get(owner)
+                if state is not None and state.waiting_on == key:
+                    state.waiting_on = None
+                    self._apply(pbx, stream, owner, state, time.monotonic())
+
+    def _trim_index(self, stream: _Stream) -> None:
+        while len(stream.order) > self._index_max:
+            key, position = stream.order.popleft()
+            if stream.index.get(key) == position:
+                del stream.index[key]
+            stream.index_start = position + 1
+
+    def keep(self, pbx: str, item: Pending, assignments: list[Assignment], rank: int) -> None:
+        """An event another worker should claim; ``rank``: this worker's standby rank."""
+        stream = self._stream(pbx)
+        entry = _Entry(
+            item.key,
+            pbx,
+            stream.next_position - 1,  # seen() ran just before
+            item,
+            assignments,
+            item.received_mono + self._delay * rank,
+            0,
+        )
+        self._entries[item.key] = entry
+        self._arrivals.append(entry)
+        queue = self._by_rank.get(rank)
+        if queue is None:
+            queue = self._by_rank[rank] = deque()
+        queue.append(entry)
+        for name in {a.owner for a in assignments}:
+            self._expect(stream, entry, name)
+        if len(self._entries) > self._window:
+            self._overflow()
+
+    def _expect(self, stream: _Stream, entry: _Entry, name: str) -> None:
+        """Wait for ``name``'s coverage to decide ``entry``."""
+        if name == self._me or name in entry.tried:
+            return
+        entry.tried.add(name)
+        entry.undecided += 1
+        owner = stream.owners.get(name)
+        if owner is None:
+            owner = stream.owners[name] = _Owner()
+        if owner.queue and owner.queue[-1].position > entry.position:
+            owner.late.append(entry)
+        else:
+            owner.queue.append(entry)
+
+    def _overflow(self) -> None:
+        """The window is full: claim its oldest events now (race mode), never drop them."""
+        spilled: list[Pending] = []
+        while len(self._entries) > self._window * 0.9 and self._arrivals:
+            entry = self._arrivals.popleft()
+            if entry.live:
+                self._forget(entry)
+                spilled.append(entry.item)
+        if spilled:
+            self._hedge(spilled)
+
+    def _forget(self, entry: _Entry) -> None:
+        entry.live = False
+        del self._entries[entry.key]
+
+    # -- coverage ----------------------------------------------------------------------------
+
+    def apply(self, owner: str, records: Mapping[str, Any], now: float) -> None:
+        """An owner's coverage records (one per PBX), as read from MongoDB."""
+        for pbx, record in records.items():
+            stream = self._streams.get(pbx)
+            if stream is None or not isinstance(record, Mapping):
+                continue
+            state = stream.owners.get(owner)
+            if state is None:
+                state = stream.owners[owner] = _Owner()
+            if record == state.record:
+                continue
+            state.record = record
+            if record.get("sid") != state.sid:
+                state.sid = record.get("sid")
+            if record.get("mark") != state.mark:
+                state.mark = record.get("mark")
+                state.mark_moved = self.exchanges
+            self._apply(pbx, stream, owner, state, now)
+
+    def _apply(self, pbx: str, stream: _Stream, owner: str, state: _Owner, now: float) -> None:
+        record = state.record
+        if record is None or not state.queue:
+            return
+        index = stream.index
+        mark = record.get("mark")
+        mark_position = index.get(mark) if isinstance(mark, str) else None
+        if mark_position is None:
+            if isinstance(mark, str):
+                # Not received here yet (this worker lags), or older than the index
+                # (the owner lags: it covers nothing here). Look again when it comes.
+                self._wait_on(stream, owner, state, mark)
+            return
+        first = record.get("first")
+        first_position = index.get(first) if isinstance(first, str) else None
+        if first_position is None:
+            # The session began before what the index holds (contiguous from
+            # max(index_start, session_start) up to the mark): everything from
+            # there to the mark is inside it.
+            start = max(stream.index_start, stream.session_start)
+        else:
+            start = first_position + 1 if record.get("cut") else first_position
+        segments = self._segments(record, index, start)
+        queue = state.queue
+        ready: list[_Entry] = []
+        while queue and queue[0].position <= mark_position:
+            ready.append(queue.popleft())
+        if state.late:
+            ready += [entry for entry in state.late if entry.position <= mark_position]
+            state.late = [entry for entry in state.late if entry.position > mark_position]
+        covered = 0
+        for entry in ready:
+            if not entry.live:
+                continue
+            views = _views_at(segments, entry.position) if entry.position >= start else None
+            if views is not None and owns_under(entry.key, owner, views):
+                self._forget(entry)
+                covered += 1
+                continue
+            # Passed, not claimed by this owner. Under its views another worker may
+            # have owned it: wait for that one's coverage too.
+            entry.undecided -= 1
+            for view in views or ():
+                other = owner_under(entry.key, view)
+                if other is not None:
+                    self._expect(stream, entry, other)
+        if covered:
+            self._on_covered(covered)
+
+    @staticmethod
+    def _wait_on(stream: _Stream, owner: str, state: _Owner, key: str) -> None:
+        previous = state.waiting_on
+        if previous is not None and previous != key:
+            waiting = stream.waiting.get(previous)
+            if waiting is not None:
+                waiting.discard(owner)
+                if not waiting:
+                    del stream.waiting[previous]
+        state.waiting_on = key
+        stream.waiting.setdefault(key, set()).add(owner)
+
+    @staticmethod
+    def _segments(
+        record: Mapping[str, Any], index: Mapping[str, int], start: int
+    ) -> list[tuple[float, list[list[str]]]]:
+        """(last position, views) of each segment of the record, in order."""
+        segments = []
+        for segment in record.get("segs") or ():
+            end, views = segment[0], segment[1]
+            if end is None:
+                last: float = _NEVER
+            else:
+                position = index.get(end)
+                # An end before the index (the mark, after it, is in the index).
+                last = float(position) if position is not None else start - 1.0
+            segments.append((last, list(views or ())))
+        return segments
+
+    # -- deadlines ---------------------------------------------------------------------------
+
+    def due(self, now: float, *, store_up: bool) -> list[Pending]:
+        """The events to hedge now (their deadline passed, no owner at work on them)."""
+        if not store_up:
+            return []  # nobody can claim while MongoDB is away; deadlines wait
+        hedges: list[Pending] = []
+        for queue in self._by_rank.values():
+            while queue and queue[0].deadline <= now:
+                entry = queue.popleft()
+                if not entry.live:
+                    continue
+                if self._owner_at_work(entry, now) and entry.extensions < _MAX_EXTENSIONS:
+                    entry.extensions += 1
+                    entry.deadline = now + self._delay
+                    queue.append(entry)
+                    continue
+                self._forget(entry)
+                hedges.append(entry.item)
+        while self._arrivals and not self._arrivals[0].live:
+            self._arrivals.popleft()
+        return hedges
+
+    def _owner_at_work(self, entry: _Entry, now: float) -> bool:
+        if entry.undecided <= 0:
+            return False  # every expected owner passed it without claiming it
+        stream = self._streams[entry.pbx]
+        for assignment in entry.assignments:
+            state = stream.owners.get(assignment.owner)
+            if (
+                state is not None
+                and state.record is not None
+                and not state.record.get("final")  # leaving: will never cover it
+                and self.exchanges - state.mark_moved <= _AT_WORK_EXCHANGES
+            ):
+                return True
+        return False
+
+
+def _views_at(
+    segments: list[tuple[float, list[list[str]]]], position: int
+) -> list[list[str]] | None:
+    for last, views in segments:
+        if position <= last:
+            return views
+    return None
