@@ -162,6 +162,10 @@ async def test_a_worker_whose_ami_connection_is_cut_loses_nothing(
             interval=0.5,
         )
         await wait_for(lambda: proxy.accepted >= 2, 30, "the cut worker to reconnect")
+        # Logged in again (accepted is only the TCP connection): its session is back.
+        await wait_for(
+            lambda: "back after" in fleets[0].log_text(), 30, "the cut worker's session back"
+        )
         for fleet in fleets:
             assert fleet.stop() == 0
     finally:
