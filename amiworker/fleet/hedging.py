@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -89,6 +90,8 @@ class Hedging:
             on_covered=self._covered,
         )
         self._beat = 0
+        # Seconds from receipt to hedge, of the latest hedges.
+        self._lateness: deque[float] = deque(maxlen=1000)
         # worker -> (its last beat, monotonic time it last moved)
         self._beats: dict[str, tuple[int, float]] = {}
 
@@ -124,7 +127,18 @@ class Hedging:
 
     def _hedge(self, items: list[Pending]) -> None:
         self._stats.hedged += len(items)
+        now = time.monotonic()
+        self._lateness.extend(now - item.received_mono for item in items)
         self._claim(items)
+
+    def info(self) -> dict[str, Any]:
+        """For the heartbeat: the standby window, and how late recent hedges came."""
+        late = sorted(self._lateness)
+        return {
+            "window": self.standby.depth,
+            "hedge_late_p50": late[len(late) // 2] if late else None,
+            "hedge_late_max": late[-1] if late else None,
+        }
 
     def _covered(self, count: int) -> None:
         self._stats.covered += count
@@ -188,6 +202,3 @@ class Hedging:
             ]
             if self.ownership.update(pbx, eligible, now):
                 log.info("%s: owned by %d worker(s) now", pbx, len(eligible), extra={"server": pbx})
-
-    def window_depth(self) -> int:
-        return self.standby.depth

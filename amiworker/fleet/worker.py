@@ -441,7 +441,7 @@ class Worker:
             "queue_depth": self.claimer.depth + self.scheduler.depth,
             "backlog": self.scheduler.depth,
             "mode": self.settings.claim_mode,
-            "window": self.hedging.window_depth() if self.hedging is not None else None,
+            "hedging": self.hedging.info() if self.hedging is not None else None,
             "spill": self.claimer.queue.spill_info(),
             "handlers": self.registry.event_names(),
         }
