@@ -265,6 +265,28 @@ async def test_check_fails_for_a_pbx_without_timestamps_unless_allowed(
     assert line.startswith("warn")
 
 
+async def test_check_says_the_claim_mode_and_in_hedged_mode_compares_two_sessions(
+    workdir: Path, mongo_server: EmbeddedMongo
+) -> None:
+    async with FakePBX(
+        username="admin", secret=AMI_SECRET, port=0, calls_per_second=10, call_duration=0.2
+    ) as pbx:
+        env = {
+            "AMIWORKER_SERVERS": servers(pbx.port),
+            "AMIWORKER_MONGO_URI": mongo_server.uri,
+            "AMIWORKER_HANDLERS": "quiet",
+            "AMIWORKER_APP_DIR": str(workdir / "app"),
+            "AMIWORKER_CLAIM_MODE": "hedged",
+        }
+        result = await _run_async("check", env=env, cwd=workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "claim mode: hedged" in result.stdout
+    (line,) = [line for line in result.stdout.splitlines() if "two sessions" in line]
+    assert line.startswith("ok") and "see the same stream" in line
+    compared = int(line.split("(")[1].split()[0])
+    assert compared > 10
+
+
 async def test_check_with_a_wrong_secret(workdir: Path, mongo_server: EmbeddedMongo) -> None:
     async with FakePBX(
         username="admin", secret="the-real-one", port=0, login_failure_delay=0.1

@@ -9,6 +9,7 @@ module from the real 20-call capture (see tests/log_plugin.py); the real
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from amiworker.fleet.worker import Worker
 from amiworker.mongo import close_client, open_client
 from amiworker.ops.filters import event_order
 from amiworker.ops.query import WorkerStatus
-from amiworker.ops.render import fleet_warnings
+from amiworker.ops.render import fleet_warnings, print_workers
 from amiworker.sim.pbx import FakePBX
 from tests.fleet_plugin import CHANNEL_EVENTS_PER_CALL, FleetRun
 from tests.log_plugin import (
@@ -274,6 +275,38 @@ def test_status_marks_stale_workers(capsys: pytest.CaptureFixture[str], log: lis
     assert rows[LIVE_WORKER]["servers"]["pbx2"]["connected"] is False
     assert 0 <= rows[LIVE_WORKER]["heartbeat_age"] < 10
     assert rows[LIVE_WORKER]["backlog"] == 5
+
+
+def test_status_shows_hedged_and_spill_columns_when_they_apply() -> None:
+    def worker(wid: str, mode: str, spilled: int = 0) -> WorkerStatus:
+        return WorkerStatus(
+            wid, "running", "h", 1, {"pbx1": {"connected": True}},
+            {"owned": 10, "hedged": 2, "covered": 30}, 0, None, None, 0.1, False, 0, None,
+            mode, {"window": 7}, {"events": spilled, "oldest_age": 3.0} if spilled else None,
+        )  # fmt: skip
+
+    out = io.StringIO()
+    print_workers([worker("w1", "hedged", spilled=1500), worker("w2", "hedged")], 10, out)
+    header, first, second, summary = out.getvalue().splitlines()
+    assert header.split()[-6:] == ["OWNED", "HEDGED", "COVERED", "WINDOW", "SPILLED", "HEARTBEAT"]
+    # OWNED HEDGED COVERED WINDOW SPILLED (oldest), then the heartbeat's "0.1 s ago"
+    assert first.split()[-11:-3] == ["10", "2", "30", "7", "1500", "(3.0", "s", "ago)"]
+    assert second.split()[-8:-3] == ["10", "2", "30", "7", "0"]
+    assert summary == "2 worker(s), claim mode hedged (2)"
+    out = io.StringIO()
+    print_workers([worker("w1", "hedged"), worker("w2", "race")], 10, out)
+    assert "different claim modes" in out.getvalue()
+
+    def login(wid: str, events: str) -> WorkerStatus:
+        servers = {"pbx1": {"connected": True, "login": f"amiworker:{events}"}}
+        return WorkerStatus(wid, "running", "h", 1, servers, {}, 0, None, None, 0.1, False)
+
+    assert fleet_warnings([login("w1", "on"), login("w2", "on")]) == []
+    (warning,) = fleet_warnings([login("w1", "on"), login("w2", "call,system")])
+    assert "different event filters" in warning and "amiworker:call,system" in warning
+    race_only = io.StringIO()
+    print_workers([worker("w3", "race")], 10, race_only)
+    assert "OWNED" not in race_only.getvalue() and "SPILLED" not in race_only.getvalue()
 
 
 def test_status_warns_of_mixed_handler_sets_and_missing_timestamps() -> None:

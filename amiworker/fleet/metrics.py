@@ -32,6 +32,10 @@ Metric names (all with the ``worker`` label)::
     amiworker_events_released_total      unstarted events given back on a stop
     amiworker_events_rejected_total      events MongoDB refused: not stored
     amiworker_events_spilled_total       events written to the spill on local disk
+    amiworker_events_owned_total         hedged mode: events this worker owned
+    amiworker_events_hedged_total        hedged mode: events claimed as a standby
+    amiworker_events_covered_total       hedged mode: standby events its owner covered
+    amiworker_standby_window             hedged mode: events in the standby window (gauge)
     amiworker_spill_events               events in the spill now (gauge)
     amiworker_spill_bytes                bytes of the spill's files (gauge)
     amiworker_spill_oldest_age_seconds   age of the oldest spilled event (gauge)
@@ -87,6 +91,9 @@ COUNTERS: Final = (
     ("amiworker_events_released", "released", "Unstarted events given back on a stop."),
     ("amiworker_events_rejected", "rejected", "Events MongoDB refused (validator, unique index)."),
     ("amiworker_events_spilled", "spilled", "Events written to the spill on local disk."),
+    ("amiworker_events_owned", "owned", "Hedged mode: events this worker owned."),
+    ("amiworker_events_hedged", "hedged", "Hedged mode: events claimed as a standby."),
+    ("amiworker_events_covered", "covered", "Hedged mode: standby events its owner covered."),
     ("amiworker_claim_batches", "claim_batches", "insert_many claims made."),
     ("amiworker_store_errors", "store_errors", "Claim attempts MongoDB failed (retried)."),
 )
@@ -143,6 +150,14 @@ class WorkerCollector(Collector):
         depth.add_metric([wid, "claim"], worker.claimer.depth)
         depth.add_metric([wid, "handlers"], worker.scheduler.depth)
         yield depth
+        window = GaugeMetricFamily(
+            "amiworker_standby_window",
+            "Hedged mode: events waiting in the standby window.",
+            labels=["worker"],
+        )
+        hedging = getattr(worker, "hedging", None)
+        window.add_metric([wid], float(hedging.standby.depth) if hedging is not None else 0.0)
+        yield window
         spill = worker.claimer.queue.spill_info() or {}
         for name, field, help_text in (
             ("amiworker_spill_events", "events", "Events in the spill on local disk."),

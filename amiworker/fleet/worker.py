@@ -428,9 +428,18 @@ class Worker:
     # -- what the fleet sees of this worker ----------------------------------------------------
 
     def heartbeat_info(self) -> dict[str, Any]:
+        logins = {
+            server.name: f"{server.username}:{server.events}" for server in self.settings.servers
+        }
         servers: dict[str, Any] = {}
         for name, status in self.pool.status().items():
-            servers[name] = {**status, "timestamps": self.timestamps.get(name)}
+            # The login (user and event filter, never the secret): every worker must
+            # receive the same stream; `amiworker status` flags a fleet that does not.
+            servers[name] = {
+                **status,
+                "timestamps": self.timestamps.get(name),
+                "login": logins[name],
+            }
         return {
             "state": self.state,
             "host": socket.gethostname(),

@@ -34,6 +34,15 @@ _VERSION = re.compile(r"Asterisk (\S+)")
 _EVENT_WAIT = 3.0
 
 
+_MODE_NOTE = {
+    "race": " (every worker inserts every raced event; the first insert wins)",
+    "hedged": " (each event's owner inserts it; standbys insert what it has not covered "
+    "after hedge_delay)",
+}
+# How long two sessions are compared (hedged mode): events of both, in order.
+_STREAM_WAIT = 3.0
+
+
 def _say(ok: bool | None, text: str) -> None:
     mark = {True: "ok  ", False: "FAIL", None: "warn"}[ok]
     print(f"{mark}  {text}")
@@ -55,9 +64,13 @@ async def run_check(settings: Settings) -> int:
         _say(False, str(exc))
         problems += 1
 
+    _say(True, f"claim mode: {settings.claim_mode}" + _MODE_NOTE[settings.claim_mode])
     problems += await _check_mongo(settings)
     results = await asyncio.gather(*(_check_pbx(settings, s) for s in settings.servers))
     problems += sum(results)
+    if settings.claim_mode == "hedged":
+        streams = await asyncio.gather(*(_check_same_stream(settings, s) for s in settings.servers))
+        problems += sum(streams)
     if problems:
         print(f"{problems} problem(s) found", file=sys.stderr)
         return 1
@@ -164,3 +177,65 @@ async def _check_pbx(settings: Settings, server: ServerSettings) -> int:
             await conn.logoff()
         except AMIError:
             conn.close()
+
+
+async def _check_same_stream(settings: Settings, server: ServerSettings) -> int:
+    """Hedged mode: do two sessions to this PBX receive the same events in the same order?
+
+    A standby places an owner's watermark in its own stream by key; that needs every
+    worker to log in with the same AMI user and event filter (the README says so).
+    Two sessions are opened and what both receive is compared byte for byte.
+    """
+    received: list[list[bytes]] = [[], []]
+    sessions: list[Connection] = []
+    try:
+        tls = tls_context(server)
+        for seen in received:
+
+            def on_event(message: Message, own_action: bool, seen: list[bytes] = seen) -> None:
+                if not own_action and message.name != "FullyBooted":
+                    seen.append(message.raw)
+
+            sessions.append(
+                await Connection.open(
+                    server.host,
+                    server.port,
+                    server.username,
+                    server.secret.get_secret_value(),
+                    auth=server.auth,
+                    events=server.events,
+                    timeout=settings.connect_timeout,
+                    action_timeout=settings.action_timeout,
+                    ping_interval=None,
+                    ssl=tls,
+                    name=server.name,
+                    on_event=on_event,
+                )
+            )
+        await asyncio.sleep(_STREAM_WAIT)  # both sessions listen for a while: what they get
+    except (AMIError, ValueError) as exc:
+        _say(False, f"PBX {server.name}: cannot compare two sessions: {exc}")
+        return 1
+    finally:
+        for session in sessions:
+            session.close()
+    first, second = received
+    # The second session starts later: compare from its first event on.
+    start = first.index(second[0]) if second and second[0] in first else None
+    if start is None:
+        _say(
+            None,
+            f"PBX {server.name}: no event reached both sessions within {_STREAM_WAIT:g} s; "
+            "cannot tell whether they see the same stream (hedged mode needs it)",
+        )
+        return 0
+    common = min(len(first) - start, len(second))
+    if first[start : start + common] != second[:common]:
+        _say(
+            False,
+            f"PBX {server.name}: two sessions received different events; hedged mode needs "
+            "every worker to log in with the same AMI user and event filter (manager.conf)",
+        )
+        return 1
+    _say(True, f"PBX {server.name}: two sessions see the same stream ({common} event(s) compared)")
+    return 0

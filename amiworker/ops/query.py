@@ -119,6 +119,9 @@ class WorkerStatus:
     stale: bool  # running, but no heartbeat within the lease: its events get taken over
     backlog: int | None = None  # events held for its handlers (queued or running)
     handlers: tuple[str, ...] | None = None  # the events it has handlers for
+    mode: str | None = None  # claim_mode: "race" or "hedged"
+    hedging: dict[str, Any] | None = None  # hedged: window depth, hedge lateness
+    spill: dict[str, Any] | None = None  # events, bytes and oldest age of its spill
 
 
 # -- the API ---------------------------------------------------------------------------------
@@ -452,4 +455,7 @@ def _worker_status(row: Mapping[str, Any], now: datetime, lease: float) -> Worke
         stale=state != "stopped" and (age is None or age > lease),
         backlog=int(backlog) if isinstance(backlog, int | float) else None,
         handlers=tuple(str(h) for h in handlers) if isinstance(handlers, list) else None,
+        mode=str(row["mode"]) if row.get("mode") else None,
+        hedging=dict(row["hedging"]) if isinstance(row.get("hedging"), Mapping) else None,
+        spill=dict(row["spill"]) if isinstance(row.get("spill"), Mapping) else None,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -217,6 +218,8 @@ _COUNTER_COLUMNS: Final = (
     ("DROPPED", "dropped"),
     ("REJECTED", "rejected"),
 )
+# Shown when a worker runs claim_mode = "hedged".
+_HEDGED_COLUMNS: Final = (("OWNED", "owned"), ("HEDGED", "hedged"), ("COVERED", "covered"))
 
 
 def _pbxs(servers: Any) -> str:
@@ -259,9 +262,21 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
         "QUEUE",
         "BACKLOG",
     )
-    rows: list[tuple[str, ...]] = [(*header, "HEARTBEAT")]
+    hedged = any(worker.mode == "hedged" for worker in workers)
+    spilling = any((worker.spill or {}).get("events") for worker in workers)
+    extra = (*(c for c, _ in _HEDGED_COLUMNS), "WINDOW") if hedged else ()
+    extra += ("SPILLED",) if spilling else ()
+    rows: list[tuple[str, ...]] = [(*header, *extra, "HEARTBEAT")]
     for worker in workers:
         counters = tuple(str(worker.counters.get(field, 0)) for _, field in _COUNTER_COLUMNS)
+        more: tuple[str, ...] = ()
+        if hedged:
+            more += tuple(str(worker.counters.get(field, 0)) for _, field in _HEDGED_COLUMNS)
+            more += (str((worker.hedging or {}).get("window", "-")),)
+        if spilling:
+            spill = worker.spill or {}
+            age = spill.get("oldest_age")
+            more += (f"{spill.get('events', 0)} ({_age(age)})" if spill.get("events") else "0",)
         heartbeat = _age(worker.age) + ("  STALE" if worker.stale else "")
         if worker.state != "running":
             heartbeat += f"  ({worker.state})"
@@ -274,6 +289,7 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
                 *counters,
                 "-" if worker.queue_depth is None else str(worker.queue_depth),
                 "-" if worker.backlog is None else str(worker.backlog),
+                *more,
                 heartbeat,
             )
         )
@@ -283,6 +299,15 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
     notes = [f"{stopped} stopped"] if stopped else []
     if stale:
         notes.append(f"{stale} STALE (no heartbeat within the {lease:g} s lease)")
+    modes = Counter(
+        worker.mode
+        for worker in workers
+        if worker.mode and worker.state == "running" and not worker.stale
+    )
+    if modes:
+        notes.append(
+            "claim mode " + ", ".join(f"{mode} ({n})" for mode, n in sorted(modes.items()))
+        )
     print(f"{len(workers)} worker(s)" + "".join(f", {note}" for note in notes), file=out)
     for warning in fleet_warnings(workers):
         print(f"WARNING: {warning}", file=out)
@@ -305,6 +330,25 @@ def fleet_warnings(workers: Sequence[WorkerStatus]) -> list[str]:
             "the live workers have different handler sets (a deploy in progress?): "
             f"{described}. Events won by a worker without a handler are stored done and "
             "skip it: finish the deploy, then `amiworker replay` the gap"
+        )
+    logins: dict[str, set[str]] = {}
+    for worker in live:
+        for name, status in (
+            (worker.servers or {}).items() if isinstance(worker.servers, Mapping) else ()
+        ):
+            if isinstance(status, Mapping) and status.get("login"):
+                logins.setdefault(name, set()).add(str(status["login"]))
+    for name, seen in sorted(logins.items()):
+        if len(seen) > 1:
+            warnings.append(
+                f"the live workers log in to {name} as different users or with different "
+                f"event filters ({', '.join(sorted(seen))}): each must receive the same "
+                "stream (the dedup key, and hedged mode's coverage, rely on it)"
+            )
+    if len({worker.mode for worker in live if worker.mode}) > 1:
+        warnings.append(
+            "the live workers run different claim modes (race and hedged): every race worker "
+            "inserts every event; set the same claim_mode everywhere"
         )
     unstamped = sorted(
         {
