@@ -12,8 +12,11 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import textwrap
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.devstack.embedded_mongo import EmbeddedMongo
+from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import RECORDING_HANDLERS, channel_keys, read_invocations, wait_connected
 from tests.test_resilience import calls_finished, set_rate
@@ -258,3 +261,113 @@ async def test_a_dying_loop_ends_the_worker_which_is_restarted_and_loses_nothing
     stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
     assert sorted(stored) == sorted(sent)
     assert set(runs_per_key(app_dirs[1])) == set(sent)
+
+
+# The issue's figure is 2 minutes; AMIWORKER_TEST_BACKLOG=120 for it (CI runs a
+# shorter one: the bound is reached within seconds, and then holds).
+BACKLOG_SECONDS = float(os.environ.get("AMIWORKER_TEST_BACKLOG", "40"))
+BACKLOG = 200
+BACKLOG_RSS_BOUND_MIB = 120.0
+
+
+async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
+    tmp_path: Path, mongo_server: EmbeddedMongo
+) -> None:
+    """5 calls/s (175 channel events/s) into 2 workers whose handler runs 2 at a time
+    for 0.23 s: 17 events/s, a tenth of the rate. The backlog stays at its bound, the
+    rest waits queued in MongoDB (visible in status and metrics); when the handler is
+    fast again, everything runs: nothing lost."""
+    fast = tmp_path / "fast"
+    slow = f"""
+        import asyncio
+        import pathlib
+
+        _FAST = pathlib.Path({str(fast)!r})
+
+        async def _slow(ctx, event):
+            _record(ctx, event)
+            if not _FAST.exists():
+                await asyncio.sleep(0.23)
+
+        for _name in ("Newchannel", "Newexten", "VarSet", "NewCallerid", "NewConnectedLine",
+                      "Newstate", "SoftHangupRequest", "HangupRequest", "Hangup", "LocalBridge",
+                      "DialBegin", "DialEnd", "OriginateResponse"):
+            globals()[_name + "Handler"] = _slow
+    """
+    app_dirs = app(tmp_path, slow)
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
+    metrics_port = free_port()
+    host = fleet(
+        tmp_path / "fleet", [simulator], mongo_server.uri, "backlog", 2, app_dirs,
+        AMIWORKER_LEASE="5", AMIWORKER_HANDLER_BACKLOG=str(BACKLOG),
+        AMIWORKER_HANDLER_CONCURRENCY="2", AMIWORKER_METRICS_PORT=str(metrics_port),
+    )  # fmt: skip
+    db: Any = MongoClient(mongo_server.uri)["backlog"]
+    rss: dict[int, list[float]] = {}
+    backlogs: list[int] = []
+    try:
+        await asyncio.to_thread(wait_connected, db, 2, ["pbx1"])
+        set_rate([simulator], 5)
+        end = time.monotonic() + BACKLOG_SECONDS
+        while time.monotonic() < end:
+            for pid in host.worker_pids():
+                rss.setdefault(pid, []).append(rss_mib(pid))
+            backlogs += [int(r.get("backlog") or 0) for r in db.workers.find({}, {"backlog": 1})]
+            await asyncio.sleep(1)  # sampling memory and backlog while the load runs
+        queued_at_end = db.events.count_documents({"state": "queued"})
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "amiworker.cli", "status", "--mongo-uri", mongo_server.uri,
+             "--database", "backlog"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        scraped = await asyncio.to_thread(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+                .read()
+                .decode()
+            )
+        )
+        set_rate([simulator], 0)
+        fast.write_text("")
+        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
+        sent = channel_keys(simulator)
+        await wait_for(
+            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+            180,
+            "every channel event handled once the handler is fast again",
+            interval=0.5,
+        )
+        assert host.stop() == 0
+    finally:
+        if host.process and host.process.poll() is None:
+            host.process.kill()
+        simulator.stop()
+
+    assert max(backlogs) <= BACKLOG, max(backlogs)
+    assert queued_at_end > 1000, "the rest waited in MongoDB, queued"
+    assert "BACKLOG" in status.stdout and str(BACKLOG) in status.stdout, status.stdout
+    depth = re.search(r'amiworker_queue_depth\{stage="handlers",worker="[^"]+"\} (\S+)', scraped)
+    assert depth and float(depth.group(1)) <= BACKLOG, scraped[:2000]
+    peaks = {pid: max(values) for pid, values in rss.items()}
+    assert max(peaks.values()) < BACKLOG_RSS_BOUND_MIB, peaks
+    stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
+    assert sorted(stored) == sorted(sent)
+    assert set(runs_per_key(app_dirs[1])) == set(sent)
+    print(
+        f"\nbacklog bound: {BACKLOG_SECONDS:g} s at 175 channel events/s, handlers at a tenth "
+        f"of that: backlog at most {max(backlogs)} (bound {BACKLOG}), {queued_at_end} queued "
+        "in MongoDB, worker RSS "
+        + ", ".join(f"{rss[p][0]:.0f} -> {peaks[p]:.0f} MiB" for p in sorted(peaks))
+        + f" (bound {BACKLOG_RSS_BOUND_MIB:g}); all {len(sent)} handled once fast again"
+    )
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -108,6 +108,25 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path, mongo_server: Embed
     await wait_for(lambda: not any(alive(pid) for pid in workers), 10, "no worker left")
 
 
+async def test_workers_stop_when_their_supervisor_is_killed_outright(
+    tmp_path: Path, mongo_server: EmbeddedMongo
+) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to stop its workers:
+    they stop themselves, gracefully, rather than run on unsupervised."""
+    fleet, simulator, db = await start_slow_fleet(tmp_path, mongo_server, "orphans", 1.0, 2)
+    try:
+        workers = fleet.worker_pids()
+        assert len(workers) == 2 and fleet.process is not None
+        fleet.process.kill()
+        await asyncio.to_thread(fleet.process.wait, 10)
+        await wait_for(lambda: not any(alive(pid) for pid in workers), 40, "the workers to stop")
+    finally:
+        simulator.stop()
+    log = fleet.log_text()
+    assert log.count("amiworker.worker: stopped:") == 2
+    assert db.workers.count_documents({"state": "stopped"}) == 2
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -70,6 +71,8 @@ log = logging.getLogger("amiworker.worker")
 
 #: Exit status of a worker whose loop died (the supervisor restarts it).
 EXIT_LOOP_DIED: Final = 3
+# prctl(2): send this signal when the parent process dies.
+_PR_SET_PDEATHSIG: Final = 1
 # Seconds the outcomes of the last handler runs get to be written on a stop.
 _OUTCOMES_GRACE: Final = 5.0
 
@@ -479,6 +482,7 @@ def run_worker_process(settings: Settings, index: int | None = None) -> None:
         logs.register_secret(secret)
     # Ctrl-C reaches the whole process group; the supervisor decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_the_supervisor()
     try:
         registry = load_handlers(settings.handlers, settings.app_dir)
     except HandlerImportError as exc:
@@ -498,3 +502,20 @@ async def _serve(
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, worker.stop)
     await worker.run()
+
+
+def _stop_with_the_supervisor() -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers,
+    and they must not run on unsupervised: ask Linux to send this worker SIGTERM (a
+    graceful stop) when its parent dies. Elsewhere, a service manager's process group
+    kill does it."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
