@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +171,62 @@ def fleet_run(
         for simulator in simulators:
             simulator.stop()
         client.close()
+
+
+# -- fleets of the end-to-end tests ------------------------------------------------------
+
+
+def recording_app_dirs(tmp_path: Path, extra: str = "") -> tuple[Path, Path]:
+    """An app dir holding ``recording`` (RECORDING_HANDLERS, plus ``extra``: handlers
+    that override, or a fault to inject) and the dir its runs are recorded in."""
+    app_dir, record_dir = tmp_path / "app", tmp_path / "record"
+    app_dir.mkdir(exist_ok=True)
+    record_dir.mkdir(exist_ok=True)
+    (app_dir / "recording.py").write_text(RECORDING_HANDLERS + textwrap.dedent(extra))
+    return app_dir, record_dir
+
+
+def recording_fleet(
+    workdir: Path,
+    servers: list[dict[str, object]],
+    uri: str,
+    database: str,
+    workers: int,
+    app_dirs: tuple[Path, Path],
+    env: dict[str, str],
+) -> FleetProcess:
+    """``amiworker --workers N`` running the recording handlers, started."""
+    app_dir, record_dir = app_dirs
+    return FleetProcess(
+        workdir,
+        servers=servers,
+        mongo_uri=uri,
+        database=database,
+        workers=workers,
+        handlers=["recording"],
+        app_dir=app_dir,
+        extra_env={"RECORD_DIR": str(record_dir), **env},
+    ).start()
+
+
+def runs_per_key(record_dir: Path) -> Counter[str]:
+    """How many times each stored (raced) event was handled."""
+    return Counter(r.key for r in read_invocations(record_dir) if not r.key.startswith("local:"))
+
+
+def all_done(db: Any, expected: int) -> bool:
+    return (
+        db.events.count_documents({"state": "done"}) >= expected
+        and db.events.count_documents({"state": {"$in": ["claimed", "queued", "failed"]}}) == 0
+    )
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -24,7 +24,13 @@ from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
-from tests.fleet_plugin import RECORDING_HANDLERS, channel_keys, read_invocations, wait_connected
+from tests.fleet_plugin import (
+    channel_keys,
+    recording_app_dirs,
+    recording_fleet,
+    runs_per_key,
+    wait_connected,
+)
 from tests.tcp_proxy import TcpProxy
 from tests.test_resilience import calls_finished, missing_only_in_gap, set_rate
 from tests.waiting import wait_for
@@ -43,14 +49,6 @@ HEDGED = {
 }
 
 
-def app(tmp_path: Path) -> tuple[Path, Path]:
-    app_dir, record_dir = tmp_path / "app", tmp_path / "record"
-    app_dir.mkdir()
-    record_dir.mkdir()
-    (app_dir / "recording.py").write_text(RECORDING_HANDLERS)
-    return app_dir, record_dir
-
-
 def fleet(
     workdir: Path,
     servers: list[dict[str, object]],
@@ -59,17 +57,7 @@ def fleet(
     workers: int,
     app_dirs: tuple[Path, Path],
 ) -> FleetProcess:
-    app_dir, record_dir = app_dirs
-    return FleetProcess(
-        workdir,
-        servers=servers,
-        mongo_uri=uri,
-        database=database,
-        workers=workers,
-        handlers=["recording"],
-        app_dir=app_dir,
-        extra_env={"RECORD_DIR": str(record_dir), **HEDGED},
-    ).start()
+    return recording_fleet(workdir, servers, uri, database, workers, app_dirs, HEDGED)
 
 
 def hedging_figures(db: Any) -> str:
@@ -91,7 +79,7 @@ def hedging_figures(db: Any) -> str:
 def check_exactly_once(db: Any, sent: list[str], record_dir: Path) -> Counter[str]:
     stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
     assert sorted(stored) == sorted(sent), "each stored once, none missing"
-    runs = Counter(r.key for r in read_invocations(record_dir) if not r.key.startswith("local:"))
+    runs = runs_per_key(record_dir)
     assert set(runs) == set(sent), "each handled"
     return runs
 
@@ -102,7 +90,7 @@ async def test_a_worker_cut_off_or_stalled_for_5s_loses_nothing(
 ) -> None:
     """One worker reaches the PBX through a proxy that is cut (closed) or stalled
     (stops forwarding without closing) for 5 s mid-run; two reach it directly."""
-    app_dirs = app(tmp_path)
+    app_dirs = recording_app_dirs(tmp_path)
     simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
     proxy = await TcpProxy(simulator.port).start()
     direct = simulator.server_setting()
@@ -148,7 +136,7 @@ async def test_a_worker_cut_off_or_stalled_for_5s_loses_nothing(
 async def test_a_worker_killed_every_2s_loses_nothing(
     tmp_path: Path, mongo_server: EmbeddedMongo
 ) -> None:
-    app_dirs = app(tmp_path)
+    app_dirs = recording_app_dirs(tmp_path)
     simulators = [SimulatorProcess(f"pbx{i}", tmp_path, duration=0.5).start() for i in (1, 2)]
     servers = [s.server_setting() for s in simulators]
     host = fleet(tmp_path / "fleet", servers, mongo_server.uri, "hedged_kill", 4, app_dirs)
@@ -195,7 +183,7 @@ async def test_a_worker_killed_every_2s_loses_nothing(
 async def test_a_pbx_dropping_every_session_loses_only_the_gap(
     tmp_path: Path, mongo_server: EmbeddedMongo
 ) -> None:
-    app_dirs = app(tmp_path)
+    app_dirs = recording_app_dirs(tmp_path)
     simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
     host = fleet(
         tmp_path / "fleet", [simulator.server_setting()], mongo_server.uri, "hedged_drop", 3,
@@ -233,7 +221,7 @@ async def test_a_pbx_dropping_every_session_loses_only_the_gap(
     assert missing is not None
     stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
     assert len(stored) == len(set(stored))
-    runs = Counter(r.key for r in read_invocations(app_dirs[1]) if not r.key.startswith("local:"))
+    runs = runs_per_key(app_dirs[1])
     assert set(runs) == set(stored) and set(runs.values()) == {1}
     assert re.search(r"AMI session back after", host.log_text())
     print(

@@ -14,10 +14,8 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,14 @@ from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
-from tests.fleet_plugin import RECORDING_HANDLERS, channel_keys, read_invocations, wait_connected
+from tests.fleet_plugin import (
+    channel_keys,
+    recording_app_dirs,
+    recording_fleet,
+    rss_mib,
+    runs_per_key,
+    wait_connected,
+)
 from tests.test_resilience import calls_finished, set_rate
 from tests.waiting import wait_for
 
@@ -43,12 +48,7 @@ QUICK = {
 
 
 def app(tmp_path: Path, extra: str = "") -> tuple[Path, Path]:
-    """The recording handlers (one line per run, see tests/fleet_plugin.py), plus ``extra``."""
-    app_dir, record_dir = tmp_path / "app", tmp_path / "record"
-    app_dir.mkdir()
-    record_dir.mkdir()
-    (app_dir / "recording.py").write_text(RECORDING_HANDLERS + textwrap.dedent(extra))
-    return app_dir, record_dir
+    return recording_app_dirs(tmp_path, extra)
 
 
 def fleet(
@@ -60,21 +60,8 @@ def fleet(
     app_dirs: tuple[Path, Path],
     **env: str,
 ) -> FleetProcess:
-    app_dir, record_dir = app_dirs
-    return FleetProcess(
-        workdir,
-        servers=[s.server_setting() for s in simulators],
-        mongo_uri=uri,
-        database=database,
-        workers=workers,
-        handlers=["recording"],
-        app_dir=app_dir,
-        extra_env={"RECORD_DIR": str(record_dir), **QUICK, **env},
-    ).start()
-
-
-def runs_per_key(record_dir: Path) -> Counter[str]:
-    return Counter(r.key for r in read_invocations(record_dir) if not r.key.startswith("local:"))
+    servers = [s.server_setting() for s in simulators]
+    return recording_fleet(workdir, servers, uri, database, workers, app_dirs, {**QUICK, **env})
 
 
 async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_lease(
@@ -361,13 +348,3 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
         + ", ".join(f"{rss[p][0]:.0f} -> {peaks[p]:.0f} MiB" for p in sorted(peaks))
         + f" (bound {BACKLOG_RSS_BOUND_MIB:g}); all {len(sent)} handled once fast again"
     )
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0

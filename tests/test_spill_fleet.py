@@ -20,7 +20,15 @@ from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
-from tests.fleet_plugin import RECORDING_HANDLERS, channel_keys, read_invocations, wait_connected
+from tests.fleet_plugin import (
+    all_done,
+    channel_keys,
+    read_invocations,
+    recording_app_dirs,
+    recording_fleet,
+    rss_mib,
+    wait_connected,
+)
 from tests.test_resilience import calls_finished, set_rate
 from tests.waiting import wait_for
 
@@ -39,21 +47,12 @@ QUICK = {
 def start(
     tmp_path: Path, simulators: list[SimulatorProcess], uri: str, workers: int, **env: str
 ) -> tuple[FleetProcess, Path]:
-    app_dir, record_dir = tmp_path / "app", tmp_path / "record"
-    app_dir.mkdir(exist_ok=True)
-    record_dir.mkdir(exist_ok=True)
-    (app_dir / "recording.py").write_text(RECORDING_HANDLERS)
-    fleet = FleetProcess(
-        tmp_path / "fleet",
-        servers=[s.server_setting() for s in simulators],
-        mongo_uri=uri,
-        database="spill",
-        workers=workers,
-        handlers=["recording"],
-        app_dir=app_dir,
-        extra_env={"RECORD_DIR": str(record_dir), **QUICK, **env},
-    ).start()
-    return fleet, record_dir
+    app_dirs = recording_app_dirs(tmp_path)
+    servers = [s.server_setting() for s in simulators]
+    fleet = recording_fleet(
+        tmp_path / "fleet", servers, uri, "spill", workers, app_dirs, {**QUICK, **env}
+    )
+    return fleet, app_dirs[1]
 
 
 def spilled_now(db: Any) -> int:
@@ -62,20 +61,6 @@ def spilled_now(db: Any) -> int:
         int((row.get("spill") or {}).get("events") or 0)
         for row in db.workers.find({"state": "running"}, {"spill": 1})
     )
-
-
-def all_done(db: Any, expected: int) -> bool:
-    return (
-        db.events.count_documents({"state": "done"}) >= expected
-        and db.events.count_documents({"state": {"$in": ["claimed", "queued", "failed"]}}) == 0
-    )
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def test_a_worker_killed_with_a_spill_leaves_it_to_its_slot_successor(

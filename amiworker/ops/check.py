@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -107,6 +108,26 @@ async def _check_mongo(settings: Settings) -> int:
     return 0
 
 
+async def _open(
+    settings: Settings, server: ServerSettings, on_event: Callable[[Message, bool], None]
+) -> Connection:
+    """An AMI session as a worker opens it (no keepalive: a check is short)."""
+    return await Connection.open(
+        server.host,
+        server.port,
+        server.username,
+        server.secret.get_secret_value(),
+        auth=server.auth,
+        events=server.events,
+        timeout=settings.connect_timeout,
+        action_timeout=settings.action_timeout,
+        ping_interval=None,
+        ssl=tls_context(server),
+        name=server.name,
+        on_event=on_event,
+    )
+
+
 async def _check_pbx(settings: Settings, server: ServerSettings) -> int:
     first_event: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
 
@@ -115,25 +136,10 @@ async def _check_pbx(settings: Settings, server: ServerSettings) -> int:
             first_event.set_result(message)
 
     try:
-        tls = tls_context(server)
+        conn = await _open(settings, server, on_event)
     except ValueError as exc:  # an unreadable tls_ca_file: one line, as for the rest
         _say(False, str(exc))
         return 1
-    try:
-        conn = await Connection.open(
-            server.host,
-            server.port,
-            server.username,
-            server.secret.get_secret_value(),
-            auth=server.auth,
-            events=server.events,
-            timeout=settings.connect_timeout,
-            action_timeout=settings.action_timeout,
-            ping_interval=None,
-            ssl=tls,
-            name=server.name,
-            on_event=on_event,
-        )
     except AMIError as exc:
         _say(False, f"PBX {server.name}: {exc}")
         return 1
@@ -189,29 +195,13 @@ async def _check_same_stream(settings: Settings, server: ServerSettings) -> int:
     received: list[list[bytes]] = [[], []]
     sessions: list[Connection] = []
     try:
-        tls = tls_context(server)
         for seen in received:
 
             def on_event(message: Message, own_action: bool, seen: list[bytes] = seen) -> None:
                 if not own_action and message.name != "FullyBooted":
                     seen.append(message.raw)
 
-            sessions.append(
-                await Connection.open(
-                    server.host,
-                    server.port,
-                    server.username,
-                    server.secret.get_secret_value(),
-                    auth=server.auth,
-                    events=server.events,
-                    timeout=settings.connect_timeout,
-                    action_timeout=settings.action_timeout,
-                    ping_interval=None,
-                    ssl=tls,
-                    name=server.name,
-                    on_event=on_event,
-                )
-            )
+            sessions.append(await _open(settings, server, on_event))
         await asyncio.sleep(_STREAM_WAIT)  # both sessions listen for a while: what they get
     except (AMIError, ValueError) as exc:
         _say(False, f"PBX {server.name}: cannot compare two sessions: {exc}")
