@@ -63,7 +63,8 @@ class Claimer:
         stats: WorkerStats,
         health: StoreHealth,
         needs_run: Callable[[str], bool] = lambda event_name: True,
-        room: Callable[[], int] = lambda: 1 << 30,
+        reserve: Callable[[int], int] = lambda wanted: wanted,
+        release: Callable[[int], None] = lambda count: None,
         on_settled: Callable[[list[Pending]], None] | None = None,
         dedup_window: float,
         batch_size: int,
@@ -77,7 +78,8 @@ class Claimer:
         self._stats = stats
         self._health = health
         self._needs_run = needs_run
-        self._room = room
+        self._reserve = reserve
+        self._release = release
         self._on_settled = on_settled
         self._dedup_window = dedup_window
         self._batch_size = batch_size
@@ -183,8 +185,10 @@ class Claimer:
         docs = []
         build_document = self._build_document
         needs_run = self._needs_run
-        # Room in the handler backlog: what is won beyond it is stored for others.
-        room = self._room()
+        runnable = sum(1 for item in batch if needs_run(item.message.name))
+        # Room in the handler backlog, promised to this batch: what is won beyond it
+        # is stored for others to run.
+        room = granted = self._reserve(runnable)
         for item in batch:
             doc = build_document(item)
             if not needs_run(item.message.name):
@@ -198,6 +202,13 @@ class Claimer:
                 doc["claimed_by"] = None
                 doc["retry_at"] = item.received_at
             docs.append(doc)
+        try:
+            used = await self._insert(batch, docs)
+        finally:
+            self._release(granted - used)
+
+    async def _insert(self, batch: list[Pending], docs: list[dict[str, Any]]) -> int:
+        """Claim ``docs``; hand the winners to run on; return how many they were."""
         attempt = 0
         while True:
             started = time.monotonic()
@@ -237,3 +248,4 @@ class Claimer:
         self._stats.races_lost += len(batch) - len(claimed.won) - len(claimed.rejected)
         if winners:
             self._on_won(winners)
+        return len(winners)

@@ -87,6 +87,8 @@ class HandlerScheduler:
         self._on_finished = on_finished
         self._concurrency = concurrency
         self._backlog = backlog
+        # Room promised to claims and take-overs under way (reserve/release).
+        self._reserved = 0
         # Calls with work queued or running -> their events, oldest first.
         self._queues: dict[str, deque[Job]] = {}
         # Calls with work queued that no runner has taken yet, in arrival order.
@@ -123,7 +125,20 @@ class HandlerScheduler:
         as queued for any worker with room (see fleet.locktable), rather than
         holding events here that a crash would strand for a lease.
         """
-        return max(0, self._backlog - self._queued)
+        return max(0, self._backlog - self._queued - self._reserved)
+
+    def reserve(self, wanted: int) -> int:
+        """Promise room for up to ``wanted`` events about to be submitted (a claim or a
+        take-over in flight): two of them at once never both fill the same room.
+        Returns how many were granted; each is used by ``submit(..., reserved=True)``
+        or given back with :meth:`release`."""
+        granted = max(0, min(wanted, self.room))
+        self._reserved += granted
+        return granted
+
+    def release(self, count: int) -> None:
+        """Give back room reserved and not used."""
+        self._reserved = max(0, self._reserved - count)
 
     def drain_unstarted(self) -> list[Job]:
         """Remove and return every queued event whose handlers have not started,
@@ -150,7 +165,10 @@ class HandlerScheduler:
         waiting = set(self._ready)
         return [queue[0] for key, queue in self._queues.items() if key not in waiting and queue]
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, *, reserved: bool = False) -> None:
+        """Queue ``job``; ``reserved``: it uses room granted by :meth:`reserve`."""
+        if reserved:
+            self._reserved = max(0, self._reserved - 1)
         key = order_key(job.server, job.message)
         self._queued += 1
         self._idle.clear()

@@ -43,6 +43,9 @@ __all__ = ["Takeover"]
 
 log = logging.getLogger("amiworker.takeover")
 
+# Reserve all the room there is.
+_ALL = 1 << 30
+
 
 class Takeover:
     def __init__(
@@ -55,7 +58,7 @@ class Takeover:
         scheduler: HandlerScheduler,
         outcomes: Outcomes,
         stats: WorkerStats,
-        room: Callable[[], int],
+        reserve: Callable[[int], int],
     ) -> None:
         self._store = store
         self._settings = settings
@@ -64,7 +67,7 @@ class Takeover:
         self._scheduler = scheduler
         self._outcomes = outcomes
         self._stats = stats
-        self._room = room
+        self._reserve = reserve
         self._look_again = False
         self._stopping = False
         # Spread over the second half of the first lease: workers started together
@@ -86,7 +89,7 @@ class Takeover:
             if self._stopping:
                 return
             view = self._heartbeat.view
-            if view is None or self._room() <= 0:
+            if view is None or self._scheduler.room <= 0:
                 continue
             try:
                 await self.take(view)
@@ -101,10 +104,13 @@ class Takeover:
             taken += await self._from_dead(view)
         now = time.monotonic()
         retries = now >= self._next_search or self._outcomes.retry_due(now)
-        room = self._room()
-        if room > 0 and (retries or self._look_again or view.queued_outstanding() > 0):
-            docs, queued = await self._store.take_runnable(room, retries=retries)
-            self._look_again = len(docs) >= room  # a full batch: more may be waiting
+        if retries or self._look_again or view.queued_outstanding() > 0:
+            room = self._reserve(_ALL)
+            try:
+                docs, queued = await self._store.take_runnable(room, retries=retries)
+            finally:
+                self._scheduler.release(room)  # _submit uses what it takes
+            self._look_again = room > 0 and len(docs) >= room  # full: more may wait
             if retries:
                 self._outcomes.forget_due_retries(now)
                 self._next_search = now + settings.lease
@@ -124,8 +130,11 @@ class Takeover:
         expired = [row["_id"] for row in view.expired(lease) if row["_id"] != me]
         if not expired:
             return 0
-        room = self._room()
-        docs = await self._store.take_from_dead(expired, room, self._settings.max_attempts)
+        room = self._reserve(_ALL)
+        try:
+            docs = await self._store.take_from_dead(expired, room, self._settings.max_attempts)
+        finally:
+            self._scheduler.release(room)  # _submit uses what it takes
         self._stats.reclaimed += len(docs)
         self._submit(docs, "from a dead worker")
         if len(docs) < room:

@@ -71,6 +71,8 @@ log = logging.getLogger("amiworker.worker")
 
 #: Exit status of a worker whose loop died (the supervisor restarts it).
 EXIT_LOOP_DIED: Final = 3
+# At most one "backlog full" line per this many seconds (plus a count).
+_DROP_LOG_INTERVAL: Final = 10.0
 # prctl(2): send this signal when the parent process dies.
 _PR_SET_PDEATHSIG: Final = 1
 # Seconds the outcomes of the last handler runs get to be written on a stop.
@@ -139,7 +141,8 @@ class Worker:
             stats=self.stats,
             health=self.health,
             needs_run=self.scheduler.wants,
-            room=self.room,
+            reserve=self.reserve,
+            release=self.scheduler.release,
             dedup_window=settings.dedup_window,
             batch_size=settings.batch_size,
             batch_delay=settings.batch_delay,
@@ -183,7 +186,7 @@ class Worker:
             scheduler=self.scheduler,
             outcomes=self.outcomes,
             stats=self.stats,
-            room=self.room,
+            reserve=self.reserve,
         )
         self.started_at = datetime.now(UTC)
         # PBXs whose current session has not shown an event yet: is it timestamped?
@@ -191,6 +194,8 @@ class Worker:
         #: PBX -> whether its events carry a Timestamp (None: not seen yet).
         self.timestamps: dict[str, bool] = {}
         self._stop = asyncio.Event()
+        self._local_drops = 0
+        self._local_drop_logged = -_DROP_LOG_INTERVAL
 
     # -- the hot path: called by the AMI reader, must never wait -------------------------
 
@@ -214,7 +219,28 @@ class Worker:
                 self.claimer.submit(item)
         elif self.scheduler.wants(message.name):
             self.stats.local += 1
-            self.scheduler.submit(Job(server, message, None, now))
+            if self.scheduler.room > 0:
+                self.scheduler.submit(Job(server, message, None, now))
+            else:
+                self._drop_local(message)
+
+    def _drop_local(self, message: Message) -> None:
+        """An event every worker handles (it is not stored), with the backlog full: it
+        cannot wait in MongoDB for another worker, and memory must stay bounded."""
+        self.stats.dropped += 1
+        self._local_drops += 1
+        now = time.monotonic()
+        if now - self._local_drop_logged >= _DROP_LOG_INTERVAL:
+            log.error(
+                "handler backlog full (handler_backlog %d): %d %s event(s) not handled by this "
+                "worker (events with no Uniqueid, handled by every worker, are not stored); "
+                "the handlers are too slow: raise handler_concurrency or make them faster",
+                self.settings.handler_backlog,
+                self._local_drops,
+                message.name,
+            )
+            self._local_drop_logged = now
+            self._local_drops = 0
 
     def _on_session(self, server: str) -> None:
         self._unchecked.add(server)
@@ -263,16 +289,18 @@ class Worker:
             max_bytes=settings.spill_max_bytes,
         )
 
-    def room(self) -> int:
-        """Free room in the handler backlog; none once stopping (claim nothing new)."""
-        return self.scheduler.room if self.state == RUNNING else 0
+    def reserve(self, wanted: int) -> int:
+        """Room in the handler backlog for up to ``wanted`` events about to be won or
+        taken over; none once stopping (it claims nothing new)."""
+        return self.scheduler.reserve(wanted) if self.state == RUNNING else 0
 
     def _document(self, item: Pending) -> dict[str, Any]:
         return event_document(item.key, item.server, item.message, self.worker_id, item.received_at)
 
     def _on_won(self, winners: list[Pending]) -> None:
         for item in winners:
-            self.scheduler.submit(Job(item.server, item.message, item.key, item.received_mono))
+            job = Job(item.server, item.message, item.key, item.received_mono)
+            self.scheduler.submit(job, reserved=True)
 
     def _context(self, job: Job) -> HandlerContext:
         return HandlerContext.create(
