@@ -232,12 +232,13 @@
       const heartbeat = el("td", { class: w.stale ? "stale" : null }, age(w.age));
       if (w.stale) heartbeat.appendChild(el("span", { class: "badge" }, "STALE"));
       if (w.state === "stopped") heartbeat.appendChild(el("span", { class: "badge muted-badge" }, "stopped"));
-      const spill = w.spill ? `${w.spill.events ?? 0} ev` : "—";
+      const spill = w.spill ? `${w.spill.events ?? 0} ev` + (w.spill.events && w.spill.oldest_age != null ? ` (${age(w.spill.oldest_age)})` : "") : "—";
+      const hedged = w.mode === "hedged" ? `owned ${c.owned ?? 0}, hedged ${c.hedged ?? 0} (as a standby), covered ${c.covered ?? 0}` : null;
       return el("tr", { "data-worker": w.id, class: w.stale ? "stale-row" : (w.state === "stopped" ? "stopped-row" : null) },
         el("td", { class: "mono" }, w.id),
         el("td", {}, text(w.host)),
         el("td", { class: "num" }, text(w.pid)),
-        el("td", {}, text(w.mode)),
+        el("td", { title: hedged }, text(w.mode)),
         el("td", {}, ...sessions),
         heartbeat,
         el("td", { class: "num" }, text(w.backlog ?? w.queue_depth)),
