@@ -36,7 +36,7 @@ async def test_four_workers_two_pbxs_store_and_handle_each_channel_event_once(
     mode: str, tmp_path: Path, recording_app: tuple[Path, Path], mongo_server: EmbeddedMongo
 ) -> None:
     app_dir, record_dir = recording_app
-    calls = 500
+    calls = 300
     simulators = [SimulatorProcess(f"pbx{i}", tmp_path, duration=0.5).start() for i in (1, 2)]
     fleet = FleetProcess(
         tmp_path / "fleet",
