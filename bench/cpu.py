@@ -437,7 +437,7 @@ def main() -> None:
     with_uvloop = best.get("uvloop")
 
     def line(label: str, seconds: float, extra: str = "") -> None:
-        print(f"{label:40} {seconds / events * 1e6:6.2f} us/event  {extra}")
+        print(f"{label:42} {seconds / events * 1e6:6.2f} us/event  {extra}")
 
     line("parse only (Parser.feed, kind)", parse, f"{parse / bare:4.2f} of the worker path")
     line("race: worker path (stand-in store)", bare)
@@ -448,7 +448,7 @@ def main() -> None:
         line("  + BSON, on uvloop", with_uvloop)
     elif not args.quick:
         print("  (uvloop not installed: pip install uvloop to compare)")
-    line(f"hedged: owner of 1 in {args.fleet}, standby of the rest", hedged_bare)
+    line(f"hedged: owns 1 in {args.fleet}, standby for the rest", hedged_bare)
     ok = hedged / events * 1e6 <= 15
     line(
         "  + BSON (the driver's encoding)",
