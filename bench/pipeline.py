@@ -521,7 +521,8 @@ def summary(results: dict[str, dict[str, Any]], baselines: dict[str, float]) -> 
             best = (baselines["ceiling_us"] + extra_race) / (baselines["once_us"] + extra_race)
             print(
                 f"  store CPU per event beyond the claims: race {extra_race:,.0f} us, hedged "
-                f"{extra_hedged:,.0f} us; with race's extra (its acks) in both, the best "
+                f"{extra_hedged:,.0f} us (acks, take-overs of what was stored queued, "
+                f"coverage); with race's extra in both, the best "
                 f"hedged / race the store allows is {best:.2f}x"
             )
     if hedged:
