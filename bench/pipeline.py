@@ -514,16 +514,18 @@ def summary(results: dict[str, dict[str, Any]], baselines: dict[str, float]) -> 
             f"{race['store_us'] / hedged['store_us']:.2f}"
         )
         if baselines:
-            # nx-27017 is the bound: what each mode costs it per event beyond its claims
-            # (acks, take-overs, coverage) is the pipeline's cost minus its ceiling's.
+            # nx-27017 is the bound. Its claims alone cost (a) per event in race mode and
+            # (a1) in hedged mode: what one insert per event saves. The rest of what each
+            # mode costs it per event (acks, take-overs of what was stored queued,
+            # coverage) is the pipeline's cost minus its ceiling's, and dilutes the gain.
             extra_race = race["store_us"] - baselines["ceiling_us"]
             extra_hedged = hedged["store_us"] - baselines["once_us"]
-            best = (baselines["ceiling_us"] + extra_race) / (baselines["once_us"] + extra_race)
             print(
-                f"  store CPU per event beyond the claims: race {extra_race:,.0f} us, hedged "
-                f"{extra_hedged:,.0f} us (acks, take-overs of what was stored queued, "
-                f"coverage); with race's extra in both, the best "
-                f"hedged / race the store allows is {best:.2f}x"
+                f"  store CPU per event, claims alone: (a) / (a1) = "
+                f"{baselines['ceiling_us'] / baselines['once_us']:.2f}x (what one insert per "
+                f"event saves on the claims); beyond the claims (acks, take-overs of what was "
+                f"stored queued, "
+                f"coverage): race {extra_race:,.0f} us, hedged {extra_hedged:,.0f} us"
             )
     if hedged:
         print(
