@@ -140,9 +140,11 @@ class MemoryStore:
     # hedged mode's coverage exchange (fleet.hedging): this worker's document, and one
     # per other worker of the imagined fleet, their watermark at ``peer_mark()``
 
-    def peers(self, me: str, pbx: str, mark: Callable[[], tuple[str, str] | None]) -> None:
+    def peers(
+        self, me: str, pbx: str, fleet: int, mark: Callable[[], tuple[str, str] | None]
+    ) -> None:
         self._me, self._pbx, self._peer_mark = me, pbx, mark
-        self._peer_names = [f"bench-peer-{n}" for n in range(1, self.fleet)]
+        self._peer_names = [f"bench-peer-{n}" for n in range(1, fleet)]
         self._mine: dict[str, Any] = {"_id": me}
         self._beat = 0
 
@@ -256,7 +258,6 @@ async def run_hedged(
     pbx = {"name": "pbx1", "host": "127.0.0.1", "username": "bench", "secret": "unused"}
     settings = Settings.load(None, env_file=None, servers=[pbx], handlers=[], claim_mode="hedged")
     store = MemoryStore(1, encode)  # an owner's claims: all won
-    store.fleet = fleet  # the peers' documents
     worker = Worker(settings, registry(), worker_id="bench-worker", store=store)  # type: ignore[arg-type]
     hedging = worker.hedging
     assert hedging is not None
@@ -269,7 +270,7 @@ async def run_hedged(
             return None
         return session.first, session.latest
 
-    store.peers(worker.worker_id, "pbx1", peer_mark)
+    store.peers(worker.worker_id, "pbx1", fleet, peer_mark)
     hedging._connected = lambda: {"pbx1": True}  # no AMI session here: connected
     await hedging.exchange()  # the views: this worker and its peers
     assert hedging.ownership.ready("pbx1")
@@ -301,7 +302,7 @@ async def run_hedged(
         gc.set_threshold(*DEFAULT_GC)
         gc.unfreeze()
     stats = worker.stats
-    assert store.inserted == stats.races_won + stats.races_lost == stats.owned
+    assert store.inserted == stats.races_won == stats.owned, "an owner's claims are all won"
     assert stats.hedged == 0, f"{stats.hedged} standby events hedged: not covered in time"
     assert hedging.standby.depth == 0, f"{hedging.standby.depth} left in the window"
     raced = hedging.standby._streams["pbx1"].next_position  # every raced event, in order
