@@ -225,6 +225,22 @@ class Stack:
 
         wait_until(connected, timeout, f"{self.workers} workers connected to {names}", 0.2)
 
+    def wait_views(self, settle: float = 2.5, timeout: float = 60.0) -> None:
+        """Hedged mode: until every worker's coverage document says it runs with a
+        session to every PBX, then ``settle`` s more, so that every worker's view holds
+        the whole fleet and the transition after its last view change is over (before
+        that, a worker owns under its old views too: double inserts). Race mode: no
+        ``coverage`` document, nothing to wait for."""
+        names = [s.name for s in self.simulators]
+
+        def ready() -> bool:
+            query: dict[str, Any] = {"state": "running"}
+            query.update({f"pbxs.{name}.connected": True for name in names})
+            return bool(self.db.coverage.count_documents(query) >= self.workers)
+
+        wait_until(ready, timeout, f"{self.workers} coverage documents connected to {names}", 0.2)
+        time.sleep(settle)
+
     def handled(self) -> tuple[int, float]:
         """Handler runs so far in all workers, and the wall-clock time of the last one."""
         count, last = 0, 0.0
