@@ -450,14 +450,15 @@ def main() -> None:
     elif not args.quick:
         print("  (uvloop not installed: pip install uvloop to compare)")
     line(f"hedged: owns 1 in {args.fleet}, standby for the rest", hedged_bare)
-    ok = hedged / events * 1e6 <= 15
-    line(
-        "  + BSON (the driver's encoding)",
-        hedged,
-        f"target <= 15 us/event: {'met' if ok else 'NOT met'}",
-    )
+    line("  + BSON (the driver's encoding)", hedged)
     if "hedged tuned" in best:
-        line("  + BSON, GC tuned", best["hedged tuned"])
+        # What a worker process runs: amiworker.fleet.worker tunes the collector so.
+        ok = best["hedged tuned"] / events * 1e6 <= 15
+        line(
+            "  + BSON, GC tuned (as a worker runs)",
+            best["hedged tuned"],
+            f"target <= 15 us/event: {'met' if ok else 'NOT met'}",
+        )
     line("naive (panoramisk + insert_one, BSON)", naive, f"ratio {naive / encoded:4.1f}x race")
     print(
         f"ratios (same run): race / hedged = {encoded / hedged:.2f}x (with BSON), "

@@ -51,7 +51,8 @@ def test_defaults() -> None:
     assert settings.handlers == ["handlers"]
     assert settings.app_dir == Path(".")
     assert settings.race == "channel"
-    assert settings.batch_size == 2000 and settings.batch_delay == 0.0
+    assert settings.batch_size == 500 and settings.batch_delay == 0.0
+    assert settings.handler_backlog == 2000 and settings.claim_mode == "race"
     assert settings.lease == 10.0 and settings.heartbeat_interval == 2.0
     assert settings.metrics_port is None and settings.ttl_days is None
 

@@ -101,13 +101,12 @@ class Hedging:
         """Decide for one keyed, raced event: True to claim it now (this worker owns
         it), False when it is kept as a standby."""
         pbx, key = item.server, item.key
-        owned = self.ownership.owns(pbx, key)
+        owned, assignments, rank = self.ownership.decide(pbx, key)
         self.standby.seen(pbx, key)
         self.coverage.note(pbx, key, owned)
         if owned:
             self._stats.owned += 1
             return True
-        assignments, rank = self.ownership.standby(pbx, key)
         self.standby.keep(pbx, item, assignments, rank)
         return False
 

@@ -25,7 +25,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = ["Assignment", "Ownership", "View", "owner_under", "owns_under"]
 
@@ -41,12 +41,14 @@ def _event_hash(key: str) -> int:
     return int(key[:16], 16)
 
 
+# Fibonacci hashing: the xor of the event's and the worker's hashes times 2**64/phi.
+# The product's high bits mix every bit of both; scores are compared whole, high
+# bits first. Every worker must score alike: changing this is a fleet-wide change.
+_GOLDEN: Final = 0x9E3779B97F4A7C15
+
+
 def _score(event: int, worker: int) -> int:
-    # splitmix64's finaliser: cheap in Python, and it spreads the xor of two hashes.
-    z = (event ^ worker) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+    return ((event ^ worker) * _GOLDEN) & _MASK64
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,28 +57,36 @@ class View:
 
     workers: tuple[str, ...]
     name: str
-    hashes: tuple[tuple[int, str], ...]
+    hashes: tuple[int, ...]  # of the workers, in the same order
 
     @classmethod
     def of(cls, workers: Iterable[str]) -> View:
         members = tuple(sorted(set(workers)))
         name = hashlib.blake2b("\n".join(members).encode(), digest_size=6).hexdigest()
-        return cls(members, name, tuple((_worker_hash(w), w) for w in members))
+        return cls(members, name, tuple(_worker_hash(w) for w in members))
+
+    def position_of(self, worker: str) -> int | None:
+        try:
+            return self.workers.index(worker)
+        except ValueError:
+            return None
+
+    def scores(self, key: str) -> list[int]:
+        """Each worker's score for the event ``key`` (the highest owns it)."""
+        event = _event_hash(key)
+        return [((event ^ h) * _GOLDEN) & _MASK64 for h in self.hashes]
 
     def ranking(self, key: str) -> list[str]:
         """The view's workers for the event ``key``, owner first."""
-        event = _event_hash(key)
-        scored = sorted(((_score(event, h), w) for h, w in self.hashes), reverse=True)
-        return [worker for _, worker in scored]
+        scores = self.scores(key)
+        order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+        return [self.workers[i] for i in order]
 
     def owner(self, key: str) -> str | None:
-        event = _event_hash(key)
-        best, owner = -1, None
-        for h, worker in self.hashes:
-            score = _score(event, h)
-            if score > best:
-                best, owner = score, worker
-        return owner
+        if not self.workers:
+            return None
+        scores = self.scores(key)
+        return self.workers[scores.index(max(scores))]
 
 
 _known_views: dict[tuple[str, ...], View] = {}
@@ -92,7 +102,7 @@ def _view(workers: Sequence[str]) -> View:
     return view
 
 
-def owns_under(key: str, worker: str, views: Sequence[Sequence[str]]) -> bool:
+def owns_under(key: str, worker: str, views: Iterable[Sequence[str]]) -> bool:
     """Whether ``worker`` owns the event ``key`` under any of ``views`` (lists of the
     eligible workers, as a coverage record declares them)."""
     return any(_view(view).owner(key) == worker for view in views if worker in view)
@@ -102,12 +112,12 @@ def owner_under(key: str, view: Sequence[str]) -> str | None:
     return _view(view).owner(key)
 
 
-@dataclass(frozen=True, slots=True)
-class Assignment:
-    """Who a standby expects to claim an event: ``owner`` under the view named ``view``."""
+class Assignment(NamedTuple):
+    """Who a standby expects to claim an event: ``owner``, under ``workers`` (a view).
+    A tuple: one is made for every event a worker stands by for."""
 
-    view: str
     owner: str
+    workers: tuple[str, ...]
 
 
 class Ownership:
@@ -158,25 +168,32 @@ class Ownership:
         """The views in force, as lists of workers (what a coverage segment declares)."""
         return [list(v) for v in sorted({view.workers for view in self.views(pbx)})]
 
-    def owns(self, pbx: str, key: str) -> bool:
-        """Whether this worker owns the event in any view it holds now."""
+    def decide(self, pbx: str, key: str) -> tuple[bool, list[Assignment], int]:
+        """For one event: whether this worker owns it (in any view it holds now), and
+        if not, who should claim it under each view and this worker's standby rank in
+        the current view (1 = first to hedge). One scoring per view: the reader's
+        hot path."""
         views = self.views(pbx)
         if not views:
-            return True  # no view yet: claim, as in race mode
+            return True, [], 0  # no view yet: claim, as in race mode
         me = self.me
-        return any(view.owner(key) == me for view in views)
-
-    def standby(self, pbx: str, key: str) -> tuple[list[Assignment], int]:
-        """For an event this worker does not own: who should claim it under each view,
-        and this worker's standby rank in the current view (1 = first to hedge)."""
-        views = self.views(pbx)
         assignments: list[Assignment] = []
-        for view in views:
-            owner = view.owner(key)
-            if owner is not None:
-                assignments.append(Assignment(view.name, owner))
-        current = views[0] if views else None
-        rank = len(current.workers) + 1 if current is not None else 1
-        if current is not None and self.me in current.workers:
-            rank = current.ranking(key).index(self.me)
-        return assignments, max(rank, 1)
+        rank = 0
+        for i, view in enumerate(views):
+            workers = view.workers
+            if not workers:
+                continue
+            scores = view.scores(key)
+            best = max(scores)
+            owner = workers[scores.index(best)]
+            if owner == me:
+                return True, [], 0
+            assignments.append(Assignment(owner, workers))
+            if i == 0:
+                mine = view.position_of(me)
+                if mine is None:
+                    rank = len(workers) + 1
+                else:
+                    score = scores[mine]
+                    rank = sum([other > score for other in scores])
+        return False, assignments, max(rank, 1)

@@ -50,11 +50,12 @@ class _Entry:
     key: str
     pbx: str
     position: int
-    item: Pending
+    item: Pending | None  # None once forgotten
     assignments: list[Assignment]
     deadline: float
     undecided: int  # expected owners that have not passed it uncovered yet
-    tried: set[str] = field(default_factory=set)  # owners it was queued for
+    since: int  # the exchange it arrived in (an owner's progress is judged from then)
+    tried: tuple[str, ...] = ()  # owners it was queued for
     extensions: int = 0
     live: bool = True
 
@@ -77,7 +78,7 @@ class _Stream:
     """One PBX as this worker receives it."""
 
     index: dict[str, int] = field(default_factory=dict)
-    order: deque[tuple[str, int]] = field(default_factory=deque)
+    order: deque[str] = field(default_factory=deque)
     next_position: int = 0
     index_start: int = 0
     session_start: int = 0
@@ -134,7 +135,7 @@ class Standby:
         position = stream.next_position
         stream.next_position = position + 1
         stream.index[key] = position
-        stream.order.append((key, position))
+        stream.order.append(key)  # at index_start + its place: positions are contiguous
         if len(stream.order) > self._index_max:
             self._trim_index(stream)
         waiting = stream.waiting.pop(key, None)
@@ -148,10 +149,10 @@ class Standby:
 
     def _trim_index(self, stream: _Stream) -> None:
         while len(stream.order) > self._index_max:
-            key, position = stream.order.popleft()
-            if stream.index.get(key) == position:
+            key = stream.order.popleft()
+            if stream.index.get(key) == stream.index_start:
                 del stream.index[key]
-            stream.index_start = position + 1
+            stream.index_start += 1
 
     def keep(self, pbx: str, item: Pending, assignments: list[Assignment], rank: int) -> None:
         """An event another worker should claim; ``rank``: this worker's standby rank."""
@@ -164,6 +165,7 @@ class Standby:
             assignments,
             item.received_mono + self._delay * rank,
             0,
+            self.exchanges,
         )
         self._entries[item.key] = entry
         self._arrivals.append(entry)
@@ -171,8 +173,11 @@ class Standby:
         if queue is None:
             queue = self._by_rank[rank] = deque()
         queue.append(entry)
-        for name in {a.owner for a in assignments}:
-            self._expect(stream, entry, name)
+        if len(assignments) == 1:
+            self._expect(stream, entry, assignments[0].owner)
+        else:
+            for name in {a.owner for a in assignments}:
+                self._expect(stream, entry, name)
         if len(self._entries) > self._window:
             self._overflow()
 
@@ -180,7 +185,7 @@ class Standby:
         """Wait for ``name``'s coverage to decide ``entry``."""
         if name == self._me or name in entry.tried:
             return
-        entry.tried.add(name)
+        entry.tried += (name,)
         entry.undecided += 1
         owner = stream.owners.get(name)
         if owner is None:
@@ -196,14 +201,21 @@ class Standby:
         while len(self._entries) > self._window * 0.9 and self._arrivals:
             entry = self._arrivals.popleft()
             if entry.live:
-                self._forget(entry)
-                spilled.append(entry.item)
+                spilled.append(self._forget(entry))
         if spilled:
             self._hedge(spilled)
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: _Entry) -> Pending:
+        """Take ``entry`` out of the window; returns its event. It may linger in a
+        queue until its deadline comes up: it lets go of the event now."""
+        item = entry.item
+        assert item is not None
         entry.live = False
         del self._entries[entry.key]
+        entry.item = None
+        entry.assignments = []
+        entry.tried = ()
+        return item
 
     # -- coverage ----------------------------------------------------------------------------
 
@@ -221,6 +233,7 @@ class Standby:
             state.record = record
             if record.get("sid") != state.sid:
                 state.sid = record.get("sid")
+                state.mark_moved = self.exchanges  # a new session: its clock starts now
             if record.get("mark") != state.mark:
                 state.mark = record.get("mark")
                 state.mark_moved = self.exchanges
@@ -261,7 +274,11 @@ class Standby:
             if not entry.live:
                 continue
             views = _views_at(segments, entry.position) if entry.position >= start else None
-            if views is not None and owns_under(entry.key, owner, views):
+            if views is not None and (
+                # The usual case: the owner expected here declares the very view used.
+                any(a.owner == owner and a.workers in views for a in entry.assignments)
+                or owns_under(entry.key, owner, views)
+            ):
                 self._forget(entry)
                 covered += 1
                 continue
@@ -290,7 +307,7 @@ class Standby:
     @staticmethod
     def _segments(
         record: Mapping[str, Any], index: Mapping[str, int], start: int
-    ) -> list[tuple[float, list[list[str]]]]:
+    ) -> list[tuple[float, set[tuple[str, ...]]]]:
         """(last position, views) of each segment of the record, in order."""
         segments = []
         for segment in record.get("segs") or ():
@@ -301,7 +318,7 @@ class Standby:
                 position = index.get(end)
                 # An end before the index (the mark, after it, is in the index).
                 last = float(position) if position is not None else start - 1.0
-            segments.append((last, list(views or ())))
+            segments.append((last, {tuple(view) for view in views or ()}))
         return segments
 
     # -- deadlines ---------------------------------------------------------------------------
@@ -312,7 +329,7 @@ class Standby:
             return []  # nobody can claim while MongoDB is away; deadlines wait
         hedges: list[Pending] = []
         for queue in self._by_rank.values():
-            while queue and queue[0].deadline <= now:
+            while queue and (queue[0].deadline <= now or not queue[0].live):
                 entry = queue.popleft()
                 if not entry.live:
                     continue
@@ -321,8 +338,7 @@ class Standby:
                     entry.deadline = now + self._delay
                     queue.append(entry)
                     continue
-                self._forget(entry)
-                hedges.append(entry.item)
+                hedges.append(self._forget(entry))
         while self._arrivals and not self._arrivals[0].live:
             self._arrivals.popleft()
         return hedges
@@ -337,15 +353,17 @@ class Standby:
                 state is not None
                 and state.record is not None
                 and not state.record.get("final")  # leaving: will never cover it
-                and self.exchanges - state.mark_moved <= _AT_WORK_EXCHANGES
+                # Its watermark moved since this event arrived, or lately: an owner
+                # idle until this burst gets as long as any to claim its first batch.
+                and self.exchanges - max(state.mark_moved, entry.since) <= _AT_WORK_EXCHANGES
             ):
                 return True
         return False
 
 
 def _views_at(
-    segments: list[tuple[float, list[list[str]]]], position: int
-) -> list[list[str]] | None:
+    segments: list[tuple[float, set[tuple[str, ...]]]], position: int
+) -> set[tuple[str, ...]] | None:
     for last, views in segments:
         if position <= last:
             return views

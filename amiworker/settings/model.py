@@ -187,7 +187,11 @@ class Settings(BaseSettings):
         "window claims its oldest events itself (as race mode), never drops them.",
     )
     batch_size: int = Field(
-        default=2000, ge=1, le=100_000, description="Most events per claim (insert_many)."
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Most events per claim (insert_many). Keep it below handler_backlog: "
+        "what a batch wins beyond the backlog's room is stored queued, for a second trip.",
     )
     batch_delay: float = Field(
         default=0.0,
@@ -200,7 +204,7 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Handlers running at once per worker."
     )
     handler_backlog: int = Field(
-        default=1000,
+        default=2000,
         ge=1,
         le=1_000_000,
         description="Events a worker holds for its handlers (queued or running). What it "
