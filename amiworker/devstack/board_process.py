@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from amiworker.devstack.processes import stop_process
 
 __all__ = ["BoardProcess"]
 
@@ -92,14 +93,4 @@ class BoardProcess:
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait; returns the exit status."""
-        process = self.process
-        if process is None:
-            return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise TimeoutError(f"amiworker board did not stop within {timeout:g} s") from None
+        return stop_process(self.process, timeout, "amiworker board")

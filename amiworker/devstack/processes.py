@@ -214,17 +214,21 @@ class FleetProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM (graceful), then wait; returns the exit status."""
-        process = self.process
-        if process is None:
-            return 0
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise TimeoutError(f"amiworker did not stop within {timeout:g} s") from None
+        return stop_process(self.process, timeout, "amiworker")
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float, what: str) -> int:
+    """SIGTERM (a graceful stop), then wait; kill it past ``timeout`` and say so."""
+    if process is None:
+        return 0
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise TimeoutError(f"{what} did not stop within {timeout:g} s") from None
 
 
 def _cmdline(pid: int) -> bytes:
