@@ -100,3 +100,33 @@ async def test_cancel_ends_a_handler_that_lost_its_first_cancellation() -> None:
     async with asyncio.timeout(5):
         await scheduler.cancel()
     assert cancellations == 2
+
+
+async def test_room_freed_wakes_when_a_handler_run_finishes() -> None:
+    release = asyncio.Event()
+
+    async def held(ctx: HandlerContext, message: Message) -> None:
+        await release.wait()
+
+    registry = HandlerRegistry(["test"], [("NewchannelHandler", held)])
+    scheduler = HandlerScheduler(
+        registry,
+        lambda job: None,
+        concurrency=8,
+        timeout=30,
+        on_finished=lambda job, error: None,
+        backlog=1,
+    )
+    try:
+        assert scheduler.reserve(1) == 1
+        scheduler.submit(Job("pbx1", event("Newchannel", Uniqueid="A", Linkedid="A"), None, 0.0))
+        scheduler.release(1)
+        assert scheduler.reserve(1) == 0  # the backlog is full
+        waiting = asyncio.create_task(scheduler.room_freed(30))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        release.set()
+        await asyncio.wait_for(waiting, 5)  # woken by the run, not by its 30 s timeout
+        assert scheduler.reserve(1) == 1
+    finally:
+        await scheduler.cancel()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from amiworker.backoff import full_jitter
@@ -39,6 +39,10 @@ __all__ = ["ClaimStore", "Claimer", "Pending"]
 
 log = logging.getLogger("amiworker.fleet.claims")
 
+# Longest a batch waits for backlog room before what does not fit is stored queued,
+# and how long it watches handlers free room before judging whether they are fast.
+_ROOM_WAIT = 1.0
+_ROOM_PROBE = 0.05
 # Backoff between claim attempts while MongoDB is unreachable.
 _RETRY_MIN = 0.1
 _RETRY_MAX = 5.0
@@ -65,6 +69,7 @@ class Claimer:
         needs_run: Callable[[str], bool] = lambda event_name: True,
         reserve: Callable[[int], int] = lambda wanted: wanted,
         release: Callable[[int], None] = lambda count: None,
+        room_freed: Callable[[float], Awaitable[None]] | None = None,
         on_settled: Callable[[list[Pending]], None] | None = None,
         dedup_window: float,
         batch_size: int,
@@ -80,6 +85,7 @@ class Claimer:
         self._needs_run = needs_run
         self._reserve = reserve
         self._release = release
+        self._room_freed = room_freed
         self._on_settled = on_settled
         self._dedup_window = dedup_window
         self._batch_size = batch_size
@@ -188,7 +194,7 @@ class Claimer:
         runnable = sum(1 for item in batch if needs_run(item.message.name))
         # Room in the handler backlog, promised to this batch: what is won beyond it
         # is stored for others to run.
-        room = granted = self._reserve(runnable)
+        room = granted = await self._room_for(runnable)
         for item in batch:
             doc = build_document(item)
             if not needs_run(item.message.name):
@@ -202,10 +208,38 @@ class Claimer:
                 doc["claimed_by"] = None
                 doc["retry_at"] = item.received_at
             docs.append(doc)
+        used = 0
         try:
             used = await self._insert(batch, docs)
         finally:
             self._release(granted - used)
+
+    async def _room_for(self, runnable: int) -> int:
+        """Reserve backlog room for ``runnable`` events, waiting a moment for a full
+        backlog while handlers free room fast enough to fit the batch: an event
+        stored ``queued`` costs a take-over later, and a draining spill would
+        otherwise store most of its events so. Slow handlers are not waited for:
+        the store must not lag behind them, and what they cannot take is stored
+        ``queued`` for any worker with room to run."""
+        granted = self._reserve(runnable)
+        if granted >= runnable or self._room_freed is None or self._stopping:
+            return granted
+        started = time.monotonic()
+        deadline = started + _ROOM_WAIT
+        first = granted
+        while granted < runnable and not self._stopping:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            elapsed = now - started
+            if elapsed >= _ROOM_PROBE:
+                # Room freed so far, at the same pace, until the deadline.
+                expected = (granted - first) / elapsed * (deadline - now)
+                if granted + expected < runnable:
+                    break
+            await self._room_freed(min(deadline - now, _ROOM_PROBE))
+            granted += self._reserve(runnable - granted)
+        return granted
 
     async def _insert(self, batch: list[Pending], docs: list[dict[str, Any]]) -> int:
         """Claim ``docs``; hand the winners to run on; return how many they were."""

@@ -13,6 +13,7 @@ would cost more than running a quick handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -89,6 +90,7 @@ class HandlerScheduler:
         self._backlog = backlog
         # Room promised to claims and take-overs under way (reserve/release).
         self._reserved = 0
+        self._room_freed = asyncio.Event()
         # Calls with work queued or running -> their events, oldest first.
         self._queues: dict[str, deque[Job]] = {}
         # Calls with work queued that no runner has taken yet, in arrival order.
@@ -135,6 +137,13 @@ class HandlerScheduler:
         granted = max(0, min(wanted, self.room))
         self._reserved += granted
         return granted
+
+    async def room_freed(self, timeout: float) -> None:
+        """Until a handler run finishes (room may have freed), or ``timeout`` passes."""
+        self._room_freed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._room_freed.wait()
 
     def release(self, count: int) -> None:
         """Give back room reserved and not used."""
@@ -209,6 +218,8 @@ class HandlerScheduler:
                 finally:
                     queue.popleft()
                     self._queued -= 1
+                    if not self._room_freed.is_set():
+                        self._room_freed.set()
             # No await between the empty check and this: nothing can slip in between.
             del queues[key]
             if not queues:

@@ -144,6 +144,7 @@ class Worker:
             needs_run=self.scheduler.wants,
             reserve=self.reserve,
             release=self.scheduler.release,
+            room_freed=self.scheduler.room_freed,
             dedup_window=settings.dedup_window,
             batch_size=settings.batch_size,
             batch_delay=settings.batch_delay,
