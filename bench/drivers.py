@@ -105,12 +105,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    import motor
+    import importlib.metadata
+
     import pymongo
 
+    motor_version = importlib.metadata.version("motor")
     print(f"machine: {machine_note()}")
     print(
-        f"pymongo {pymongo.version} (AsyncMongoClient), motor {motor.version}; "
+        f"pymongo {pymongo.version} (AsyncMongoClient), motor {motor_version}; "
         f"{args.events:,} claims in insert_many of {args.batch_size}, best of {args.rounds}"
     )
     data = Path(__import__("tempfile").mkdtemp(prefix="amiworker-drivers-"))

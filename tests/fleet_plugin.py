@@ -90,7 +90,7 @@ def recording_app(tmp_path: Path) -> tuple[Path, Path]:
 
 def wait_connected(db: Any, workers: int, servers: list[str], timeout: float = 60.0) -> None:
     """Until ``workers`` heartbeats say they hold a session to every PBX."""
-    everywhere = {f"servers.{name}.connected": True for name in servers}
+    everywhere: dict[str, bool | str] = {f"servers.{name}.connected": True for name in servers}
     everywhere["state"] = "running"
     wait_until(
         lambda: db.workers.count_documents(everywhere) >= workers,
@@ -215,7 +215,7 @@ def runs_per_key(record_dir: Path) -> Counter[str]:
 
 
 def all_done(db: Any, expected: int) -> bool:
-    return (
+    return bool(
         db.events.count_documents({"state": "done"}) >= expected
         and db.events.count_documents({"state": {"$in": ["claimed", "queued", "failed"]}}) == 0
     )

@@ -253,5 +253,6 @@ async def live_worker(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
         sys.path[:] = path_before
+        client: MongoClient[dict[str, Any]]
         with MongoClient(mongo_uri) as client:
             client.drop_database(database_name)

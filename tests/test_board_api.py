@@ -303,7 +303,7 @@ def _stream_start(url: str, seconds: float = 2.0) -> bytes:
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline and data.count(b"event: ") < 5:
-            chunk = reply.fp.read1(65536)  # type: ignore[union-attr]
+            chunk = reply.fp.read1(65536)
             if not chunk:
                 break
             data += chunk

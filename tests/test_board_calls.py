@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from amiworker.ops.board.calls import CallTable, iso
 from amiworker.ops.board.rates import BUCKET, WINDOW, RateCounter
@@ -20,7 +21,7 @@ NOW = datetime.fromtimestamp(START + 60, UTC)
 
 
 def fold(
-    docs: list[dict], max_age: float = 3600, now: datetime = NOW, ended_limit: int = 15
+    docs: list[dict[str, Any]], max_age: float = 3600, now: datetime = NOW, ended_limit: int = 15
 ) -> CallTable:
     table = CallTable(max_age, ended_limit)
     table.expire(now)

@@ -13,7 +13,7 @@ import logging
 import socket
 import ssl as ssl_module
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +185,9 @@ async def ignore(session: Session, action: Message) -> None:
 
 
 @pytest.fixture
-async def pbx() -> ScriptedPBX:  # type: ignore[misc]
+async def pbx() -> AsyncIterator[ScriptedPBX]:
     async with ScriptedPBX() as server:
-        yield server  # type: ignore[misc]
+        yield server
 
 
 async def open_conn(pbx: ScriptedPBX, **options: object) -> Connection:

@@ -137,7 +137,7 @@ async def test_the_ami_records_actions_and_answers_from_its_table(app: tuple[Pat
     assert redirect.event_id is not None and ami.actions("redirect") == [redirect]
 
     ami.answer("Redirect", response="Error", Message="Channel not found")
-    harness.ami.clear()
+    ami.clear()
     with pytest.raises(ActionFailed, match="Channel not found"):
         await harness.run([dial])
     ami.answer("Redirect")  # Success again
@@ -249,7 +249,7 @@ def scanned(docs: list[dict[str, Any]], flt: dict[str, Any]) -> list[Any]:
     ],
 )
 async def test_lookups_by_id_find_what_a_scan_finds(flt: dict[str, Any]) -> None:
-    docs = [
+    docs: list[dict[str, Any]] = [
         {"_id": "a", "v": 1},
         {"_id": "b", "v": 1},
         {"_id": 7, "tags": ["x", "y"]},

@@ -210,9 +210,9 @@ async def test_scraped_counters_match_the_heartbeat(
     assert counters["handled"] == 10 * 6 + counters["local"]  # Newchannel, Newstate, Hangup x2
     for name, field, _ in COUNTERS:
         assert samples[(f"{name}_total", (w,))] == counters[field], name
-    for pbx in ("pbx1", "pbx2"):
-        assert samples[("amiworker_pbx_connected", (("pbx", pbx), w))] == 1
-        assert row["servers"][pbx]["connected"] is True
+    for pbx_name in ("pbx1", "pbx2"):
+        assert samples[("amiworker_pbx_connected", (("pbx", pbx_name), w))] == 1
+        assert row["servers"][pbx_name]["connected"] is True
     assert samples[("amiworker_queue_depth", (("stage", "claim"), w))] == row["queue_depth"] == 0
     assert samples[("amiworker_claim_latency_seconds_count", (w,))] == counters["claim_batches"]
     handler_starts = samples[("amiworker_handler_latency_seconds_count", (w,))]

@@ -344,6 +344,7 @@ def own_log(mongo_server: EmbeddedMongo) -> Iterator[tuple[list[str], FilledLog]
 
     filled = asyncio.run(setup())
     yield ["--mongo-uri", mongo_server.uri, "--database", name], filled
+    client: MongoClient[dict[str, Any]]
     with MongoClient(mongo_server.uri) as client:
         client.drop_database(name)
 
@@ -499,6 +500,7 @@ async def test_follow_prints_events_stored_after_it_started(
 @pytest.fixture
 def fleet(fleet_run: FleetRun) -> Iterator[tuple[list[str], Any]]:
     """The setting flags for the fleet run's database, and that database (PyMongo)."""
+    client: MongoClient[dict[str, Any]]
     with MongoClient(fleet_run.mongo_uri, tz_aware=True) as client:
         yield (
             ["--mongo-uri", fleet_run.mongo_uri, "--database", fleet_run.database],

@@ -99,7 +99,7 @@ async def test_pool_reconnects_after_a_drop_with_one_lost_and_one_back_line(
             dropped = time.monotonic()
             pbx.drop()
             await wait_for(
-                lambda: pool.status()["pbx1"]["reconnects"] == 1 and pool.connection("pbx1"),
+                lambda: bool(pool.status()["pbx1"]["reconnects"] == 1 and pool.connection("pbx1")),
                 timeout=3,
                 what="the session back",
             )
@@ -155,7 +155,11 @@ async def test_wrong_credentials_are_logged_once_and_retried_slowly(
 async def test_pool_accepts_the_settings_model() -> None:
     async with ScriptedPBX() as pbx, asyncio.timeout(10):
         server = ServerSettings(
-            name="pbx1", host="127.0.0.1", port=pbx.port, username="amiuser", secret=SECRET
+            name="pbx1",
+            host="127.0.0.1",
+            port=pbx.port,
+            username="amiuser",
+            secret=SecretStr(SECRET),
         )
         async with ServerPool([server]) as pool:
             await pool.wait_connected(5)
@@ -224,7 +228,7 @@ async def test_sim_pool_reconnects_after_drop_sessions(
         dropped = time.monotonic()
         await fake_pbx.drop_sessions()
         await wait_for(
-            lambda: pool.status()["pbx1"]["reconnects"] == 1 and pool.connection("pbx1"),
+            lambda: bool(pool.status()["pbx1"]["reconnects"] == 1 and pool.connection("pbx1")),
             what="the session back",
         )
         assert time.monotonic() - dropped < 0.2 + 0.5  # first retry: uniform(0, reconnect_min)
@@ -254,7 +258,7 @@ async def test_sim_pool_detects_a_stalled_pbx_and_logs_one_line_each_way(
     async with pool, asyncio.timeout(10):
         await pool.wait_connected(5)
         fake_pbx.stall()
-        await wait_for(lambda: lines(caplog, "AMI session lost"), what="the loss")
+        await wait_for(lambda: bool(lines(caplog, "AMI session lost")), what="the loss")
         assert "no Ping reply within 0.3 s" in lines(caplog, "AMI session lost")[0]
         await wait_for(
             lambda: len(lines(caplog, "AMI attempt failed")) >= 2, what="failed attempts"

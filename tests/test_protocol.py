@@ -37,8 +37,8 @@ def capture(name: str) -> bytes:
     return path.read_bytes()
 
 
-def feed_in_pieces(data: bytes, cuts: list[int], **kwargs: int) -> tuple[Parser, list[Message]]:
-    parser = Parser(**kwargs)
+def feed_in_pieces(data: bytes, cuts: list[int]) -> tuple[Parser, list[Message]]:
+    parser = Parser()
     messages: list[Message] = []
     start = 0
     for cut in sorted(set(cuts)):

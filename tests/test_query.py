@@ -232,7 +232,8 @@ class Pipelines:
         self.seen.append(pipeline)
 
         async def rows() -> AsyncIterator[dict[str, Any]]:
-            for row in ():
+            nothing: list[dict[str, Any]] = []
+            for row in nothing:
                 yield row
 
         return rows()

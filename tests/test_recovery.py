@@ -182,7 +182,8 @@ async def test_a_frozen_store_is_one_outage_each_way_and_loses_nothing(
     # Nothing lost, and nothing handled twice: no live worker was taken for dead.
     mongo.start()
     try:
-        stored = [d["_id"] for d in MongoClient(mongo.uri)["freeze"].events.find({}, {"_id": 1})]
+        events: Any = MongoClient(mongo.uri)["freeze"].events
+        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
     finally:
         mongo.stop()
     assert sorted(stored) == sorted(sent)

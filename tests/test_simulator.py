@@ -324,8 +324,12 @@ async def test_every_captured_reply_has_the_captured_shape(
             if m.action_id == action_id
             or (m.name == "RequestBadFormat" and real[i - 1].action_id == action_id)
         ]
+
+        def answers(m: Message, a: str = action_id) -> bool:
+            return m.action_id == a or m.name == "RequestBadFormat"
+
         got = await client.wait_count(
-            lambda m, a=action_id: m.action_id == a or m.name == "RequestBadFormat",
+            answers,
             len(expected),
             start=before,
         )
@@ -336,7 +340,13 @@ async def test_every_captured_reply_has_the_captured_shape(
                 continue
             assert names(sim) == names(cap), action_id
             if action_id in SAME_VALUES:
-                dropped = ("Timestamp", "EventTV", "SessionTV", "SessionID", "LocalAddress")
+                dropped: tuple[str, ...] = (
+                    "Timestamp",
+                    "EventTV",
+                    "SessionTV",
+                    "SessionID",
+                    "LocalAddress",
+                )
                 dropped += ("RemoteAddress", "AccountID")
                 assert without(sim, *dropped) == without(cap, *dropped), action_id
     await client.closed()

@@ -115,7 +115,8 @@ async def test_a_worker_killed_with_a_spill_leaves_it_to_its_slot_successor(
     assert left > 0 and recovered.group(2).startswith(str(tmp_path / "fleet" / "spill"))
     mongo.start()
     try:
-        stored = [d["_id"] for d in MongoClient(mongo.uri)["spill"].events.find({}, {"_id": 1})]
+        events: Any = MongoClient(mongo.uri)["spill"].events
+        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
     finally:
         mongo.stop()
     assert sorted(stored) == sorted(sent), "each stored once, none lost"
@@ -227,7 +228,8 @@ async def test_a_burst_the_store_cannot_keep_up_with_spills_and_drains_losing_no
     assert not re.search(r"dropped \d+ event", log)
     mongo.start()
     try:
-        stored = [d["_id"] for d in MongoClient(mongo.uri)["spill"].events.find({}, {"_id": 1})]
+        events: Any = MongoClient(mongo.uri)["spill"].events
+        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
     finally:
         mongo.stop()
     assert sorted(stored) == sorted(sent), "each stored once, none lost"
@@ -300,7 +302,8 @@ async def test_a_long_store_outage_spills_with_bounded_memory_and_loses_nothing(
 
     mongo.start()
     try:
-        stored = [d["_id"] for d in MongoClient(mongo.uri)["spill"].events.find({}, {"_id": 1})]
+        events: Any = MongoClient(mongo.uri)["spill"].events
+        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
     finally:
         mongo.stop()
     assert sorted(stored) == sorted(sent), "each stored once, none lost"

@@ -61,7 +61,7 @@ async def start_slow_fleet(
             "AMIWORKER_SHUTDOWN_TIMEOUT": "20",
         },
     ).start()
-    db = MongoClient(mongo.uri)[database]
+    db: Any = MongoClient(mongo.uri)[database]
     await asyncio.to_thread(wait_connected, db, 2, ["pbx1"])
     await asyncio.to_thread(pace_calls, [simulator], 3, 10)
     await wait_for(lambda: lines(tmp_path / "started") >= started, 30, "the slow handlers to start")
