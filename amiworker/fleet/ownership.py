@@ -58,12 +58,16 @@ class View:
     workers: tuple[str, ...]
     name: str
     hashes: tuple[int, ...]  # of the workers, in the same order
+    #: Who claims an event under this view, for each owner (made once: one is
+    #: handed out for every event a standby keeps).
+    assignments: tuple[Assignment, ...]
 
     @classmethod
     def of(cls, workers: Iterable[str]) -> View:
         members = tuple(sorted(set(workers)))
         name = hashlib.blake2b("\n".join(members).encode(), digest_size=6).hexdigest()
-        return cls(members, name, tuple(_worker_hash(w) for w in members))
+        hashes = tuple(_worker_hash(w) for w in members)
+        return cls(members, name, hashes, tuple(Assignment(w, members) for w in members))
 
     def position_of(self, worker: str) -> int | None:
         try:
@@ -129,6 +133,8 @@ class Ownership:
         self._views: dict[str, View] = {}
         # PBX -> [(view, monotonic time it stopped being current)], newest last.
         self._recent: dict[str, list[tuple[View, float]]] = {}
+        #: View name -> this worker's place in it (None: not in it), for the hot path.
+        self._mine: dict[str, int | None] = {}
         #: Bumped at every view change (the coverage splits its segments there).
         self.changes = 0
 
@@ -146,6 +152,10 @@ class Ownership:
         if current is not None:
             self._recent.setdefault(pbx, []).append((current, now))
         self._views[pbx] = view
+        if len(self._mine) > 256:  # views come and go: keep those that may be in force
+            held = [*self._views.values(), *(v for r in self._recent.values() for v, _ in r)]
+            self._mine = {v.name: v.position_of(self.me) for v in held}
+        self._mine[view.name] = view.position_of(self.me)
         self.changes += 1
         return True
 
@@ -172,27 +182,28 @@ class Ownership:
         """For one event: whether this worker owns it (in any view it holds now), and
         if not, who should claim it under each view and this worker's standby rank in
         the current view (1 = first to hedge). One scoring per view: the reader's
-        hot path."""
-        views = self.views(pbx)
-        if not views:
+        hot path (hence the inlined scores and the assignments made once per view)."""
+        current = self._views.get(pbx)
+        if current is None:
             return True, [], 0  # no view yet: claim, as in race mode
-        me = self.me
+        # Between view changes there is one view: skip the clock and the list.
+        views = self.views(pbx) if self._recent.get(pbx) else (current,)
+        event = int(key[:16], 16)  # _event_hash, inlined
         assignments: list[Assignment] = []
         rank = 0
-        for i, view in enumerate(views):
-            workers = view.workers
-            if not workers:
+        for view in views:
+            if not view.workers:
                 continue
-            scores = view.scores(key)
+            scores = [((event ^ h) * _GOLDEN) & _MASK64 for h in view.hashes]
             best = max(scores)
-            owner = workers[scores.index(best)]
-            if owner == me:
+            position = scores.index(best)
+            mine = self._mine[view.name]
+            if position == mine:
                 return True, [], 0
-            assignments.append(Assignment(owner, workers))
-            if i == 0:
-                mine = view.position_of(me)
+            assignments.append(view.assignments[position])
+            if view is current:
                 if mine is None:
-                    rank = len(workers) + 1
+                    rank = len(scores) + 1
                 else:
                     score = scores[mine]
                     rank = sum([other > score for other in scores])
