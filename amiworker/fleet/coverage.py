@@ -56,7 +56,6 @@ class CoverageSession:
         self.segments: list[list[Any]] = [[None, views]]
         self.epoch = epoch
         self.cut = False
-        self.broken = False
 
     @property
     def mark(self) -> str | None:
@@ -134,7 +133,6 @@ class Coverage:
         ends frozen before it and new events start a new one (standbys hedge the gap)."""
         session = self._sessions.get(pbx)
         if session is not None and any(owned == key for _, owned in session.pending):
-            session.broken = True
             self.begin(pbx)
 
     def records(self) -> dict[str, dict[str, Any]]:

@@ -105,11 +105,6 @@ _REQUEST_TIMEOUT: Final = 5.0
 _MAX_REQUEST: Final = 16384
 
 
-class _Depth(Protocol):
-    @property
-    def depth(self) -> int: ...
-
-
 class _Pool(Protocol):
     def status(self) -> Mapping[str, Mapping[str, Any]]: ...
 

@@ -47,10 +47,6 @@ def _event_hash(key: str) -> int:
 _GOLDEN: Final = 0x9E3779B97F4A7C15
 
 
-def _score(event: int, worker: int) -> int:
-    return ((event ^ worker) * _GOLDEN) & _MASK64
-
-
 @dataclass(frozen=True, slots=True)
 class View:
     """The workers eligible to own one PBX's events, and a short name for the set."""
@@ -182,19 +178,18 @@ class Ownership:
         """For one event: whether this worker owns it (in any view it holds now), and
         if not, who should claim it under each view and this worker's standby rank in
         the current view (1 = first to hedge). One scoring per view: the reader's
-        hot path (hence the inlined scores and the assignments made once per view)."""
+        hot path (hence the assignments made once per view)."""
         current = self._views.get(pbx)
         if current is None:
             return True, [], 0  # no view yet: claim, as in race mode
         # Between view changes there is one view: skip the clock and the list.
         views = self.views(pbx) if self._recent.get(pbx) else (current,)
-        event = int(key[:16], 16)  # _event_hash, inlined
         assignments: list[Assignment] = []
         rank = 0
         for view in views:
             if not view.workers:
                 continue
-            scores = [((event ^ h) * _GOLDEN) & _MASK64 for h in view.hashes]
+            scores = view.scores(key)
             best = max(scores)
             position = scores.index(best)
             mine = self._mine[view.name]

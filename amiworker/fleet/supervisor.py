@@ -16,7 +16,7 @@ import multiprocessing.connection
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
@@ -43,7 +43,6 @@ class _Slot:
     started: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
-    history: list[int] = field(default_factory=list)
 
 
 class Supervisor:

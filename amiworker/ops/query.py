@@ -149,7 +149,6 @@ class EventQuery:
         self.events_collection = database[collection]
         self.calls_collection = calls_collection
         self._client = client
-        self._uri = uri
         self._where = redact_uri(uri) if uri else f"database {database.name!r}"
 
     @classmethod
