@@ -302,11 +302,6 @@ class EmbeddedMongo:
             raise EmbeddedMongoError(f"{EXECUTABLE} pid {self.pid} survived SIGKILL")
         self._reap()
 
-    def restart(self) -> EmbeddedMongo:
-        """Stop and start again on the same port with the same data."""
-        self.stop()
-        return self.start()
-
     async def astop(self, grace: float = 10.0) -> None:
         """:meth:`stop` without blocking the event loop."""
         self._signal(signal.SIGTERM)
@@ -326,10 +321,6 @@ class EmbeddedMongo:
         except TimeoutError:
             raise EmbeddedMongoError(f"{EXECUTABLE} pid {self.pid} survived SIGKILL") from None
         self._reap()
-
-    async def arestart(self) -> EmbeddedMongo:
-        await self.astop()
-        return await self.astart()
 
     def _signal(self, signum: signal.Signals) -> None:
         if self.running:
