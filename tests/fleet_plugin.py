@@ -10,7 +10,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import random
+import signal
 import textwrap
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +28,7 @@ from pymongo import MongoClient
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess, wait_until
 from amiworker.fleet.dedup import DedupKeys, races
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CHANNEL_EVENTS_PER_CALL = 35  # of 39: DeviceStateChange (4) carries no Uniqueid
@@ -235,3 +241,75 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+# -- driving a running fleet ---------------------------------------------------------
+
+
+def set_rate(simulators: list[SimulatorProcess], rate: float) -> None:
+    """New calls per second on each simulator (0: no new calls)."""
+    for simulator in simulators:
+        control = simulator.control()
+        try:
+            control.action("SimCalls", {"Rate": rate})
+        finally:
+            control.close()
+
+
+def calls_finished(simulator: SimulatorProcess) -> bool:
+    control = simulator.control()
+    try:
+        stats = control.action("SimStats")
+    finally:
+        control.close()
+    return bool(stats["CallsStarted"] == stats["CallsCompleted"])
+
+
+async def end_calls(simulators: list[SimulatorProcess], timeout: float = 30.0) -> list[str]:
+    """Stop new calls and wait for those under way to end; returns the keys of every
+    channel event the simulators sent (final from then on)."""
+    set_rate(simulators, 0)
+    await wait_for(lambda: all(calls_finished(s) for s in simulators), timeout, "the last calls")
+    return [key for s in simulators for key in channel_keys(s)]
+
+
+async def wait_all_done(
+    db: Any, expected: int, timeout: float, what: str = "", interval: float = 0.5
+) -> None:
+    """Until ``expected`` events are stored and handled (:func:`all_done`)."""
+    what = what or f"all {expected} channel events stored and handled"
+    await wait_for(lambda: all_done(db, expected), timeout, what, interval=interval)
+
+
+async def kill_every(fleet: FleetProcess, seconds: float, interval: float, seed: int) -> list[int]:
+    """The chaos schedule: for ``seconds``, SIGKILL a random worker every ``interval``
+    seconds; returns the pids killed."""
+    rng = random.Random(seed)
+    killed: list[int] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(interval)  # the schedule itself: one kill per interval
+        pids = fleet.worker_pids()
+        if pids:
+            victim = rng.choice(pids)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+    return killed
+
+
+def missing_only_in_gap(simulator: SimulatorProcess, db: Any) -> int | None:
+    """How many channel events are missing, if they are exactly those sent while no
+    worker was connected: from the first missing one to the first login after it.
+    None if some other event is missing (not stored yet, or lost)."""
+    keys = DedupKeys(simulator.name, window=float("inf"))
+    stored = {d["_id"] for d in db.events.find({}, {"_id": 1})}
+    stream = simulator.recorded_events()
+    channel = [(i, keys.key(m.raw, 0.0)) for i, m in enumerate(stream) if races(m, "channel")]
+    missing = [i for i, key in channel if key not in stored]
+    if not missing:
+        return 0
+    logins = [i for i, m in enumerate(stream) if i > missing[0] and m.name == "SuccessfulAuth"]
+    if not logins:
+        return None
+    in_gap = [i for i, _ in channel if missing[0] <= i < logins[0]]
+    return len(missing) if missing == in_gap else None

@@ -10,11 +10,7 @@ Real processes: simulated PBXs, ``amiworker --workers N`` with
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import re
-import signal
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,14 +21,17 @@ from pymongo import MongoClient
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import (
-    channel_keys,
+    end_calls,
+    kill_every,
+    missing_only_in_gap,
     recording_app_dirs,
     recording_fleet,
     runs_per_key,
+    set_rate,
+    wait_all_done,
     wait_connected,
 )
 from tests.tcp_proxy import TcpProxy
-from tests.test_resilience import calls_finished, missing_only_in_gap, set_rate
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -109,15 +108,8 @@ async def test_a_worker_cut_off_or_stalled_for_5s_loses_nothing(
         await asyncio.sleep(5)  # the fault itself: its length is the point
         proxy.restore() if fault == "cut" else proxy.resume()
         await asyncio.sleep(2)  # calls after it
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
-        sent = channel_keys(simulator)
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
-            60,
-            "every channel event done",
-            interval=0.25,
-        )
+        sent = await end_calls([simulator])
+        await wait_all_done(db, len(sent), 60, interval=0.25)
         figures = hedging_figures(db)
         for host in hosts:
             assert host.stop() == 0
@@ -141,28 +133,12 @@ async def test_a_worker_killed_every_2s_loses_nothing(
     servers = [s.server_setting() for s in simulators]
     host = fleet(tmp_path / "fleet", servers, mongo_server.uri, "hedged_kill", 4, app_dirs)
     db: Any = MongoClient(mongo_server.uri)["hedged_kill"]
-    killed: list[int] = []
     try:
         await asyncio.to_thread(wait_connected, db, 4, ["pbx1", "pbx2"])
         set_rate(simulators, 5)
-        rng = random.Random(12)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            await asyncio.sleep(2)  # the chaos schedule: one kill every 2 s
-            pids = host.worker_pids()
-            if pids:
-                victim = rng.choice(pids)
-                os.kill(victim, signal.SIGKILL)
-                killed.append(victim)
-        set_rate(simulators, 0)
-        await wait_for(lambda: all(calls_finished(s) for s in simulators), 30, "the last calls")
-        sent = [key for s in simulators for key in channel_keys(s)]
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
-            60,
-            "every channel event done",
-            interval=0.25,
-        )
+        killed = await kill_every(host, seconds=20, interval=2, seed=12)
+        sent = await end_calls(simulators)
+        await wait_all_done(db, len(sent), 60, interval=0.25)
         figures = hedging_figures(db)
         assert host.stop() == 0
     finally:
@@ -199,8 +175,7 @@ async def test_a_pbx_dropping_every_session_loses_only_the_gap(
         control.close()
         await wait_for(lambda: host.log_text().count("AMI session back after") >= 3, 15, "all back")
         await asyncio.sleep(2)  # calls after the restart
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
+        await end_calls([simulator])
         await wait_for(
             lambda: (
                 missing_only_in_gap(simulator, db) is not None

@@ -25,14 +25,15 @@ from pymongo import MongoClient
 from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import (
-    channel_keys,
+    end_calls,
     recording_app_dirs,
     recording_fleet,
     rss_mib,
     runs_per_key,
+    set_rate,
+    wait_all_done,
     wait_connected,
 )
-from tests.test_resilience import calls_finished, set_rate
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -98,12 +99,11 @@ async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_leas
             hosts[n] = fleet(host.workdir, [simulator], uri, database, 2, app_dirs, **env)
             await asyncio.to_thread(wait_connected, db, 4, ["pbx1"])
             await asyncio.sleep(2)
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
-        sent = channel_keys(simulator)
+        sent = await end_calls([simulator])
         deadline = SLOW_HANGUP + 20
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+        await wait_all_done(
+            db,
+            len(sent),
             deadline,
             f"every channel event done within {deadline:g} s of the last call (lease: 120 s)",
             interval=0.25,
@@ -155,11 +155,10 @@ async def test_a_frozen_store_is_one_outage_each_way_and_loses_nothing(
         finally:
             os.kill(mongo.pid, signal.SIGCONT)
         await asyncio.sleep(2)  # calls after the thaw
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
-        sent = channel_keys(simulator)
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+        sent = await end_calls([simulator])
+        await wait_all_done(
+            db,
+            len(sent),
             60,
             "every channel event done after the thaw",
             interval=0.25,
@@ -227,11 +226,10 @@ async def test_a_dying_loop_ends_the_worker_which_is_restarted_and_loses_nothing
         await asyncio.to_thread(wait_connected, db, 2, ["pbx1"])
         set_rate([simulator], 5)
         await asyncio.sleep(3)
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
-        sent = channel_keys(simulator)
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+        sent = await end_calls([simulator])
+        await wait_all_done(
+            db,
+            len(sent),
             60,
             "every channel event done",
             interval=0.25,
@@ -316,12 +314,11 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
                 .decode()
             )
         )
-        set_rate([simulator], 0)
         fast.write_text("")
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
-        sent = channel_keys(simulator)
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= len(sent),
+        sent = await end_calls([simulator])
+        await wait_all_done(
+            db,
+            len(sent),
             180,
             "every channel event handled once the handler is fast again",
             interval=0.5,

@@ -25,9 +25,8 @@ from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
-from tests.fleet_plugin import channel_keys, read_invocations, wait_connected
+from tests.fleet_plugin import end_calls, read_invocations, set_rate, wait_connected
 from tests.mongo_proxy import MongoProxy, RefuseFirst, running_in_thread
-from tests.test_resilience import calls_finished, set_rate
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -121,9 +120,7 @@ async def test_a_refused_event_is_logged_counted_and_the_claims_go_on(
                     f"{STORED_AFTER} more channel events stored after the refusal",
                     interval=0.1,
                 )
-                set_rate([simulator], 0)
-                await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
-                sent = channel_keys(simulator)
+                sent = await end_calls([simulator])
                 await wait_for(
                     lambda: db.events.count_documents({"state": "done"}) >= len(sent) - 1,
                     60,

@@ -7,10 +7,7 @@ nx-27017) and checks the log against what the simulators recorded sending.
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import re
-import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,10 +18,13 @@ from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
-from amiworker.fleet.dedup import DedupKeys, races
 from tests.fleet_plugin import (
-    channel_keys,
+    end_calls,
+    kill_every,
+    missing_only_in_gap,
     read_invocations,
+    set_rate,
+    wait_all_done,
     wait_connected,
 )
 from tests.waiting import wait_for
@@ -41,15 +41,6 @@ FAST_RECOVERY = {
     "AMIWORKER_RECONNECT_MAX": "1",
     "AMIWORKER_CONNECT_TIMEOUT": "2",
 }
-
-
-def set_rate(simulators: list[SimulatorProcess], rate: float) -> None:
-    for simulator in simulators:
-        control = simulator.control()
-        try:
-            control.action("SimCalls", {"Rate": rate})
-        finally:
-            control.close()
 
 
 def start_fleet(
@@ -73,22 +64,6 @@ def start_fleet(
     ).start()
 
 
-async def wait_all_done(db: Any, simulators: list[SimulatorProcess], timeout: float) -> int:
-    """Until every channel event the simulators sent is done; returns how many.
-
-    Waits first for the calls under way to end, so that "sent" is final.
-    """
-    await wait_for(lambda: all(calls_finished(s) for s in simulators), 30, "the last calls to end")
-    expected = sum(len(channel_keys(s)) for s in simulators)
-    await wait_for(
-        lambda: db.events.count_documents({"state": "done"}) >= expected,
-        timeout,
-        f"{expected} channel events done",
-        interval=0.5,
-    )
-    return expected
-
-
 # What a crash may cost: a re-run of what the killed worker had started, or had
 # finished but not acked (within ack_delay). Bounded by its backlog, which a
 # burst fills: the issue's target, checked here.
@@ -102,27 +77,17 @@ async def test_chaos_random_worker_killed_every_2s(
     simulators = [SimulatorProcess(f"pbx{i}", tmp_path, duration=0.5).start() for i in (1, 2)]
     fleet = start_fleet(tmp_path, simulators, mongo_server.uri, "chaos", 4, recording_app)
     db: Any = MongoClient(mongo_server.uri)["chaos"]
-    killed: list[int] = []
     try:
         await asyncio.to_thread(wait_connected, db, 4, ["pbx1", "pbx2"])
         set_rate(simulators, 5)
-        rng = random.Random(20)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            await asyncio.sleep(2)  # the chaos schedule: one kill every 2 s
-            pids = fleet.worker_pids()
-            if pids:
-                victim = rng.choice(pids)
-                os.kill(victim, signal.SIGKILL)
-                killed.append(victim)
-        set_rate(simulators, 0)
-        await wait_for(lambda: all(calls_finished(s) for s in simulators), 30, "the last calls")
+        killed = await kill_every(fleet, seconds=20, interval=2, seed=20)
+        sent = await end_calls(simulators)
         last_call = time.monotonic()
-        expected = sum(len(channel_keys(s)) for s in simulators)
-        await wait_for(
-            lambda: db.events.count_documents({"state": "done"}) >= expected,
+        await wait_all_done(
+            db,
+            len(sent),
             DONE_AFTER_LAST_CALL,
-            f"all {expected} channel events done {DONE_AFTER_LAST_CALL:g} s after the last call",
+            f"all {len(sent)} channel events done {DONE_AFTER_LAST_CALL:g} s after the last call",
             interval=0.25,
         )
         done_after = time.monotonic() - last_call
@@ -134,7 +99,6 @@ async def test_chaos_random_worker_killed_every_2s(
             simulator.stop()
 
     assert len(killed) >= 9
-    sent = [key for s in simulators for key in channel_keys(s)]
     stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
     assert sorted(stored) == sorted(sent), "stored exactly once, none missing"
     assert db.events.count_documents({"state": {"$ne": "done"}}) == 0
@@ -177,8 +141,8 @@ async def test_mongodb_killed_and_restarted_mid_run_loses_nothing(
         await asyncio.sleep(3)  # the outage: events keep coming and must be buffered
         mongo.start()
         await asyncio.sleep(2)  # more calls after the store is back
-        set_rate([simulator], 0)
-        await wait_all_done(db, [simulator], 180)
+        sent = await end_calls([simulator])
+        await wait_all_done(db, len(sent), 180)
         assert fleet.stop() == 0
     finally:
         if fleet.process and fleet.process.poll() is None:
@@ -192,7 +156,6 @@ async def test_mongodb_killed_and_restarted_mid_run_loses_nothing(
     # The store is gone again here; what was checked above is in the collection.
     mongo.start()
     try:
-        sent = channel_keys(simulator)
         stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
         assert sorted(stored) == sorted(sent)
         runs = [r.key for r in read_invocations(recording_app[1]) if not r.key.startswith("local:")]
@@ -221,8 +184,7 @@ async def test_pbx_restart_workers_return_within_backoff_and_only_the_gap_is_mis
             "every worker back",
         )
         await asyncio.sleep(1)  # calls after the restart
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls to end")
+        await end_calls([simulator])
         await wait_for(
             lambda: (
                 missing_only_in_gap(simulator, db) is not None
@@ -247,30 +209,3 @@ async def test_pbx_restart_workers_return_within_backoff_and_only_the_gap_is_mis
     missing = missing_only_in_gap(simulator, db)
     assert missing is not None
     print(f"\nPBX restart: {missing} channel events sent while no worker was connected")
-
-
-def calls_finished(simulator: SimulatorProcess) -> bool:
-    control = simulator.control()
-    try:
-        stats = control.action("SimStats")
-    finally:
-        control.close()
-    return stats["CallsStarted"] == stats["CallsCompleted"]
-
-
-def missing_only_in_gap(simulator: SimulatorProcess, db: Any) -> int | None:
-    """How many channel events are missing, if they are exactly those sent while no
-    worker was connected: from the first missing one to the first login after it.
-    None if some other event is missing (not stored yet, or lost)."""
-    keys = DedupKeys(simulator.name, window=float("inf"))
-    stored = {d["_id"] for d in db.events.find({}, {"_id": 1})}
-    stream = simulator.recorded_events()
-    channel = [(i, keys.key(m.raw, 0.0)) for i, m in enumerate(stream) if races(m, "channel")]
-    missing = [i for i, key in channel if key not in stored]
-    if not missing:
-        return 0
-    logins = [i for i, m in enumerate(stream) if i > missing[0] and m.name == "SuccessfulAuth"]
-    if not logins:
-        return None
-    in_gap = [i for i, _ in channel if missing[0] <= i < logins[0]]
-    return len(missing) if missing == in_gap else None

@@ -22,14 +22,14 @@ from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import (
     all_done,
-    channel_keys,
+    end_calls,
     read_invocations,
     recording_app_dirs,
     recording_fleet,
     rss_mib,
+    set_rate,
     wait_connected,
 )
-from tests.test_resilience import calls_finished, set_rate
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -90,10 +90,8 @@ async def test_a_worker_killed_with_a_spill_leaves_it_to_its_slot_successor(
             20,
             "the slot restarted",
         )
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 30, "the last calls")
+        sent = await end_calls([simulator])
         mongo.start()
-        sent = channel_keys(simulator)
         await wait_for(
             lambda: db.events.count_documents({}) >= len(sent) and spilled_now(db) == 0,
             90,
@@ -204,10 +202,8 @@ async def test_a_burst_the_store_cannot_keep_up_with_spills_and_drains_losing_no
         while time.monotonic() < burst_end:
             await asyncio.to_thread(watch)
             await asyncio.sleep(0.5)  # sampling the spill while the burst runs
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 60, "the last calls")
+        sent = await end_calls([simulator], 60)
         ended = time.monotonic()
-        sent = channel_keys(simulator)
         await wait_for(
             lambda: watch() or (all_done(db, len(sent)) and spilled_now(db) == 0),
             240,
@@ -279,9 +275,7 @@ async def test_a_long_store_outage_spills_with_bounded_memory_and_loses_nothing(
         while time.monotonic() < outage_end:
             sample()
             await asyncio.sleep(1)  # sampling memory while MongoDB is away
-        set_rate([simulator], 0)
-        await wait_for(lambda: calls_finished(simulator), 60, "the last calls")
-        sent = channel_keys(simulator)
+        sent = await end_calls([simulator], 60)
         sample()
         mongo.start()
         back = time.monotonic()
