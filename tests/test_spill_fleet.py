@@ -63,6 +63,30 @@ def spilled_now(db: Any) -> int:
     )
 
 
+def tear_down(
+    fleet: FleetProcess, simulator: SimulatorProcess, client: MongoClient[Any], mongo: EmbeddedMongo
+) -> None:
+    if fleet.process and fleet.process.poll() is None:
+        fleet.process.kill()
+    simulator.stop()
+    client.close()
+    mongo.stop()
+
+
+def assert_stored_and_handled_once(mongo: EmbeddedMongo, sent: list[str], record_dir: Path) -> None:
+    """Every event sent stored once and handled, read from the store started again
+    (the test's teardown stopped it; its data stays on disk)."""
+    mongo.start()
+    try:
+        events: Any = MongoClient(mongo.uri)["spill"].events
+        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
+    finally:
+        mongo.stop()
+    assert sorted(stored) == sorted(sent), "each stored once, none lost"
+    runs = {r.key for r in read_invocations(record_dir) if not r.key.startswith("local:")}
+    assert runs == set(sent)
+
+
 async def test_a_worker_killed_with_a_spill_leaves_it_to_its_slot_successor(
     tmp_path: Path,
 ) -> None:
@@ -100,26 +124,14 @@ async def test_a_worker_killed_with_a_spill_leaves_it_to_its_slot_successor(
         )
         assert fleet.stop() == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
-        simulator.stop()
-        client.close()
-        mongo.stop()
+        tear_down(fleet, simulator, client, mongo)
 
     log = fleet.log_text()
     recovered = re.search(r"(\d+) event\(s\) left in the spill (\S+) by this slot's previous", log)
     assert recovered, log[-3000:]
     left = int(recovered.group(1))
     assert left > 0 and recovered.group(2).startswith(str(tmp_path / "fleet" / "spill"))
-    mongo.start()
-    try:
-        events: Any = MongoClient(mongo.uri)["spill"].events
-        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
-    finally:
-        mongo.stop()
-    assert sorted(stored) == sorted(sent), "each stored once, none lost"
-    runs = [r.key for r in read_invocations(record_dir) if not r.key.startswith("local:")]
-    assert set(runs) == set(sent)
+    assert_stored_and_handled_once(mongo, sent, record_dir)
     print(
         f"\ncrash with a spill: {len(sent)} channel events; the killed worker left {left} in "
         "its spill, drained by the worker that took its slot"
@@ -158,11 +170,7 @@ async def test_a_full_spill_drops_counted_and_logged_once_per_interval_without_c
         assert fleet.worker_pids() == workers, "no crash"
         assert fleet.stop() == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
-        simulator.stop()
-        client.close()
-        mongo.stop()
+        tear_down(fleet, simulator, client, mongo)
     lines = [line for line in fleet.log_text().splitlines() if "the spill is full" in line]
     assert 1 <= len(lines) <= 2, lines  # once per 10 s interval
     assert "raise spill_max_bytes" in lines[0]
@@ -213,24 +221,12 @@ async def test_a_burst_the_store_cannot_keep_up_with_spills_and_drains_losing_no
         drained_in = time.monotonic() - ended
         assert fleet.stop(60) == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
-        simulator.stop()
-        client.close()
-        mongo.stop()
+        tear_down(fleet, simulator, client, mongo)
 
     log = fleet.log_text()
     assert "spilling what arrives" in log and "spill drained after" in log
     assert not re.search(r"dropped \d+ event", log)
-    mongo.start()
-    try:
-        events: Any = MongoClient(mongo.uri)["spill"].events
-        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
-    finally:
-        mongo.stop()
-    assert sorted(stored) == sorted(sent), "each stored once, none lost"
-    runs = {r.key for r in read_invocations(record_dir) if not r.key.startswith("local:")}
-    assert runs == set(sent)
+    assert_stored_and_handled_once(mongo, sent, record_dir)
     print(
         f"\nburst: {len(sent)} channel events in {BURST_SECONDS:g} s "
         f"({len(sent) / BURST_SECONDS:,.0f}/s) into 4 workers; peak spill {peak:,} events "
@@ -288,22 +284,9 @@ async def test_a_long_store_outage_spills_with_bounded_memory_and_loses_nothing(
         drained_in = time.monotonic() - back
         assert fleet.stop(60) == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
-        simulator.stop()
-        client.close()
-        mongo.stop()
+        tear_down(fleet, simulator, client, mongo)
 
-    mongo.start()
-    try:
-        events: Any = MongoClient(mongo.uri)["spill"].events
-        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
-    finally:
-        mongo.stop()
-    assert sorted(stored) == sorted(sent), "each stored once, none lost"
-    assert {r.key for r in read_invocations(record_dir) if not r.key.startswith("local:")} == set(
-        sent
-    )
+    assert_stored_and_handled_once(mongo, sent, record_dir)
     peaks = {pid: max(values) for pid, values in rss.items()}
     starts = {pid: values[0] for pid, values in rss.items()}
     assert max(peaks.values()) < RSS_BOUND_MIB, peaks
