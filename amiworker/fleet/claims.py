@@ -15,7 +15,9 @@ room to take. A document the store refuses (a validator, a unique index an
 operator added) is logged and counted; the rest of its batch is stored.
 
 One batch is in flight at a time: the winners of a batch are handed on before
-the next batch is claimed, so events of one call keep their order.
+the next batch is claimed, so events of one call keep their order. (Two in
+flight, handed on in order, was measured: the wait for the previous claim
+went, but on a single-threaded store each claim's round trip grew by as much.)
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 ``claim_mode = "hedged"``. Every worker still holds a session to every PBX and
 sees every event; for each raced event:
 
-* its **owner** (fleet.ownership: rendezvous hashing over the workers that are
-  live and connected to that PBX) claims it at once, exactly as in race mode;
+* its **owner** (fleet.ownership: rendezvous hashing of the event's call over
+  the workers that are live and connected to that PBX) claims it at once,
+  exactly as in race mode;
 * every other worker keeps it as a **standby** (fleet.standby), and forgets it
   once the owner's **coverage** (fleet.coverage: a watermark per PBX session)
   has passed it; what is still uncovered after ``hedge_delay`` (times the
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from amiworker.fleet.coverage import Coverage
-from amiworker.fleet.ownership import Ownership
+from amiworker.fleet.ownership import Ownership, owner_hash
 from amiworker.fleet.pending import Pending
 from amiworker.fleet.standby import Standby
 from amiworker.mongo import StoreUnavailable
@@ -101,7 +102,8 @@ class Hedging:
         """Decide for one keyed, raced event: True to claim it now (this worker owns
         it), False when it is kept as a standby."""
         pbx, key = item.server, item.key
-        owned, assignments, rank = self.ownership.decide(pbx, key)
+        item.owner = owner_hash(item.message.raw, key)
+        owned, assignments, rank = self.ownership.decide(pbx, item.owner)
         self.standby.seen(pbx, key)
         self.coverage.note(pbx, key, owned)
         if owned:

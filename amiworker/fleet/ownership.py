@@ -6,10 +6,20 @@ as the ``coverage`` documents say (fleet.hedging reads them every exchange).
 Every worker derives it from the same documents, so views agree except while
 a change propagates (an exchange interval or so).
 
-For an event, every worker of the view gets a score from the event's key and
-its own id; the highest score owns the event, the next is rank 1 of its
-standbys, and so on. Adding or removing a worker moves only the events it wins
-or held (rendezvous hashing), and ownership spreads evenly.
+For an event, every worker of the view gets a score from the event's *call*
+and its own id; the highest score owns the event, the next is rank 1 of its
+standbys, and so on. Adding or removing a worker moves only the calls it wins
+or held (rendezvous hashing), and ownership spreads evenly over calls.
+
+The call, not the event: every channel event of a call carries the call's
+``Linkedid`` (prefixed in some events: ``DestLinkedid``, ``LocalOneLinkedid``),
+so one worker owns all of it. A burst of a call's events is then one claim
+from one worker instead of one from each (fewer, larger inserts, and fewer
+of them at the same moment), its handlers run in one worker in order, and the
+decision is made once per call and looked up for the rest of its events.
+Events without a Linkedid are owned by their ``Uniqueid``, else by their key.
+Any rule that every worker computes alike from the same bytes is correct: the
+unique ``_id`` decides every race whoever claims.
 
 Views may disagree; that must never leave an event with no owner. So for
 ``transition`` seconds after its view changes a worker owns what it owns in
@@ -27,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-__all__ = ["Assignment", "Ownership", "View", "owner_under", "owns_under"]
+__all__ = ["Assignment", "Decision", "Ownership", "View", "owner_hash", "owner_under", "owns_under"]
 
 _MASK64: Final = (1 << 64) - 1
 
@@ -39,6 +49,40 @@ def _worker_hash(worker_id: str) -> int:
 def _event_hash(key: str) -> int:
     # The key is a hex digest already: its first 64 bits are as good as any hash of it.
     return int(key[:16], 16)
+
+
+# Raw-bytes searches, as the reader makes them (no header parse): the first header
+# whose name ends in Linkedid, else in Uniqueid.
+_CALL_HEADERS: Final = (b"Linkedid: ", b"Uniqueid: ")
+_call_hashes: dict[bytes, int] = {}
+
+
+def owner_hash(raw: bytes, key: str) -> int:
+    """What ownership scores an event on: a hash of its call's id, from the raw bytes,
+    or of its key when it names no call. Looked up once per call in a bounded table:
+    this runs in every worker for every event."""
+    for name in _CALL_HEADERS:
+        at = raw.find(name)
+        if at < 0:
+            continue
+        start = at + len(name)
+        end = raw.find(b"\n", start)
+        if end < 0:
+            end = len(raw)
+        if raw[end - 1 : end] == b"\r":
+            end -= 1
+        if end == start:
+            continue
+        call = raw[start:end]
+        hashed = _call_hashes.get(call)
+        if hashed is None:
+            if len(_call_hashes) >= 65536:  # calls end: stay bounded
+                _call_hashes.clear()
+            hashed = _call_hashes[call] = int.from_bytes(
+                hashlib.blake2b(call, digest_size=8).digest(), "big"
+            )
+        return hashed
+    return _event_hash(key)
 
 
 # Fibonacci hashing: the xor of the event's and the worker's hashes times 2**64/phi.
@@ -71,21 +115,21 @@ class View:
         except ValueError:
             return None
 
-    def scores(self, key: str) -> list[int]:
-        """Each worker's score for the event ``key`` (the highest owns it)."""
-        event = _event_hash(key)
+    def scores(self, event: int) -> list[int]:
+        """Each worker's score for an event of :func:`owner_hash` ``event`` (the
+        highest owns it)."""
         return [((event ^ h) * _GOLDEN) & _MASK64 for h in self.hashes]
 
-    def ranking(self, key: str) -> list[str]:
-        """The view's workers for the event ``key``, owner first."""
-        scores = self.scores(key)
+    def ranking(self, event: int) -> list[str]:
+        """The view's workers for the event, owner first."""
+        scores = self.scores(event)
         order = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
         return [self.workers[i] for i in order]
 
-    def owner(self, key: str) -> str | None:
+    def owner(self, event: int) -> str | None:
         if not self.workers:
             return None
-        scores = self.scores(key)
+        scores = self.scores(event)
         return self.workers[scores.index(max(scores))]
 
 
@@ -102,14 +146,14 @@ def _view(workers: Sequence[str]) -> View:
     return view
 
 
-def owns_under(key: str, worker: str, views: Iterable[Sequence[str]]) -> bool:
-    """Whether ``worker`` owns the event ``key`` under any of ``views`` (lists of the
-    eligible workers, as a coverage record declares them)."""
-    return any(_view(view).owner(key) == worker for view in views if worker in view)
+def owns_under(event: int, worker: str, views: Iterable[Sequence[str]]) -> bool:
+    """Whether ``worker`` owns the event (its :func:`owner_hash`) under any of
+    ``views`` (lists of the eligible workers, as a coverage record declares them)."""
+    return any(_view(view).owner(event) == worker for view in views if worker in view)
 
 
-def owner_under(key: str, view: Sequence[str]) -> str | None:
-    return _view(view).owner(key)
+def owner_under(event: int, view: Sequence[str]) -> str | None:
+    return _view(view).owner(event)
 
 
 class Assignment(NamedTuple):
@@ -118,6 +162,20 @@ class Assignment(NamedTuple):
 
     owner: str
     workers: tuple[str, ...]
+
+
+class Decision(NamedTuple):
+    """One worker's part in one event: owner, or standby for ``assignments`` (who
+    should claim it, under each view in force) at ``rank``. Shared by every event of
+    a call: never changed in place."""
+
+    owned: bool
+    assignments: list[Assignment]
+    rank: int
+
+
+_OWNED: Final = Decision(True, [], 0)
+_UNDECIDED: Final = _OWNED
 
 
 class Ownership:
@@ -133,6 +191,9 @@ class Ownership:
         self._mine: dict[str, int | None] = {}
         #: Bumped at every view change (the coverage splits its segments there).
         self.changes = 0
+        # PBX -> {owner hash: decision} under its one current view: made once per
+        # call, looked up for its other events. Emptied when the view changes.
+        self._decided: dict[str, dict[int, Decision]] = {}
 
     def ready(self, pbx: str) -> bool:
         """Whether a view of ``pbx`` is known (before that, claim everything: race)."""
@@ -152,6 +213,7 @@ class Ownership:
             held = [*self._views.values(), *(v for r in self._recent.values() for v, _ in r)]
             self._mine = {v.name: v.position_of(self.me) for v in held}
         self._mine[view.name] = view.position_of(self.me)
+        self._decided.pop(pbx, None)
         self.changes += 1
         return True
 
@@ -174,27 +236,38 @@ class Ownership:
         """The views in force, as lists of workers (what a coverage segment declares)."""
         return [list(v) for v in sorted({view.workers for view in self.views(pbx)})]
 
-    def decide(self, pbx: str, key: str) -> tuple[bool, list[Assignment], int]:
-        """For one event: whether this worker owns it (in any view it holds now), and
-        if not, who should claim it under each view and this worker's standby rank in
-        the current view (1 = first to hedge). One scoring per view: the reader's
-        hot path (hence the assignments made once per view)."""
+    def decide(self, pbx: str, event: int) -> Decision:
+        """For one event (its :func:`owner_hash`): whether this worker owns it (in any
+        view it holds now), and if not, who should claim it under each view and this
+        worker's standby rank in the current view (1 = first to hedge). The reader's
+        hot path: between view changes, a call's decision is made once."""
         current = self._views.get(pbx)
         if current is None:
-            return True, [], 0  # no view yet: claim, as in race mode
-        # Between view changes there is one view: skip the clock and the list.
-        views = self.views(pbx) if self._recent.get(pbx) else (current,)
+            return _UNDECIDED  # no view yet: claim, as in race mode
+        if self._recent.get(pbx):
+            return self._decide(self.views(pbx), current, event)
+        decided = self._decided.get(pbx)
+        if decided is None:
+            decided = self._decided[pbx] = {}
+        decision = decided.get(event)
+        if decision is None:
+            if len(decided) >= 65536:  # calls end: stay bounded
+                decided.clear()
+            decision = decided[event] = self._decide((current,), current, event)
+        return decision
+
+    def _decide(self, views: Sequence[View], current: View, event: int) -> Decision:
         assignments: list[Assignment] = []
         rank = 0
         for view in views:
             if not view.workers:
                 continue
-            scores = view.scores(key)
+            scores = view.scores(event)
             best = max(scores)
             position = scores.index(best)
             mine = self._mine[view.name]
             if position == mine:
-                return True, [], 0
+                return _OWNED
             assignments.append(view.assignments[position])
             if view is current:
                 if mine is None:
@@ -202,4 +275,4 @@ class Ownership:
                 else:
                     score = scores[mine]
                     rank = sum([other > score for other in scores])
-        return False, assignments, max(rank, 1)
+        return Decision(False, assignments, max(rank, 1))

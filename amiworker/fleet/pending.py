@@ -19,3 +19,4 @@ class Pending:
     received_at: datetime  # wall clock, stored in the document
     received_mono: float  # monotonic, for the dedup window and latency
     key: str = ""  # the dedup key, computed on arrival (it depends on the arrival order)
+    owner: int = 0  # hedged mode: what ownership is scored on (fleet.ownership.owner_hash)

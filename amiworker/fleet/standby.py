@@ -48,6 +48,7 @@ _NEVER: Final = float("inf")
 @dataclass(slots=True, eq=False)
 class _Entry:
     key: str
+    owner: int  # what ownership is scored on (fleet.ownership.owner_hash)
     pbx: str
     position: int
     item: Pending | None  # None once forgotten
@@ -159,6 +160,7 @@ class Standby:
         stream = self._stream(pbx)
         entry = _Entry(
             item.key,
+            item.owner,
             pbx,
             stream.next_position - 1,  # seen() ran just before
             item,
@@ -277,7 +279,7 @@ class Standby:
             if views is not None and (
                 # The usual case: the owner expected here declares the very view used.
                 any(a.owner == owner and a.workers in views for a in entry.assignments)
-                or owns_under(entry.key, owner, views)
+                or owns_under(entry.owner, owner, views)
             ):
                 self._forget(entry)
                 covered += 1
@@ -286,7 +288,7 @@ class Standby:
             # have owned it: wait for that one's coverage too.
             entry.undecided -= 1
             for view in views or ():
-                other = owner_under(entry.key, view)
+                other = owner_under(entry.owner, view)
                 if other is not None:
                     self._expect(stream, entry, other)
         if covered:
