@@ -172,8 +172,8 @@ def fleet_run(
         assert fleet.stop() == 0, fleet.log_text()[-3000:]
         yield FleetRun(mongo_server.uri, database, [s.name for s in simulators], calls, workdir)
     finally:
-        if fleet is not None and fleet.process is not None and fleet.process.poll() is None:
-            fleet.process.kill()
+        if fleet is not None:
+            fleet.kill()
         for simulator in simulators:
             simulator.stop()
         client.close()
@@ -213,6 +213,20 @@ def recording_fleet(
         app_dir=app_dir,
         extra_env={"RECORD_DIR": str(record_dir), **env},
     ).start()
+
+
+def stored_ids(mongo: EmbeddedMongo, database: str) -> list[str]:
+    """The ids of ``database``'s events, from a store a test's teardown stopped (its
+    data stays on disk): started again, read, stopped."""
+    mongo.start()
+    try:
+        client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
+        try:
+            return [d["_id"] for d in client[database].events.find({}, {"_id": 1})]
+        finally:
+            client.close()
+    finally:
+        mongo.stop()
 
 
 def runs_per_key(record_dir: Path) -> Counter[str]:

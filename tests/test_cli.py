@@ -43,6 +43,19 @@ def servers(port: int, secret: str = AMI_SECRET) -> str:
     )
 
 
+def cli_env(workdir: Path, port: int, mongo_uri: str | None = None) -> dict[str, str]:
+    """The environment of an ``amiworker`` run against one PBX on ``port``, with the
+    quiet handlers of :func:`workdir`."""
+    env = {
+        "AMIWORKER_SERVERS": servers(port),
+        "AMIWORKER_HANDLERS": "quiet",
+        "AMIWORKER_APP_DIR": str(workdir / "app"),
+    }
+    if mongo_uri is not None:
+        env["AMIWORKER_MONGO_URI"] = mongo_uri
+    return env
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """An empty working directory: no .env, no handlers package."""
@@ -148,9 +161,7 @@ def test_an_unwritable_spill_dir_stops_start_up_with_one_line(workdir: Path) -> 
     (workdir / "a-file").write_text("")
     spill_dir = workdir / "a-file" / "spill"  # through a regular file: refused even to root
     env = {
-        "AMIWORKER_SERVERS": servers(5038),
-        "AMIWORKER_HANDLERS": "quiet",
-        "AMIWORKER_APP_DIR": str(workdir / "app"),
+        **cli_env(workdir, 5038),
         "AMIWORKER_SPILL_DIR": str(spill_dir),
     }
     result = run(env=env, cwd=workdir)
@@ -166,10 +177,7 @@ async def test_unreachable_mongodb_is_named_and_amiworker_keeps_reading(
     uri = f"mongodb://amiworker:{MONGO_PASSWORD}@127.0.0.1:{closed}/?serverSelectionTimeoutMS=500"
     async with FakePBX(username="admin", secret=AMI_SECRET, port=0) as pbx:
         env = {
-            "AMIWORKER_SERVERS": servers(pbx.port),
-            "AMIWORKER_MONGO_URI": uri,
-            "AMIWORKER_HANDLERS": "quiet",
-            "AMIWORKER_APP_DIR": str(workdir / "app"),
+            **cli_env(workdir, pbx.port, uri),
             "AMIWORKER_CONNECT_TIMEOUT": "1",
         }
         fleet = Running([], env, workdir)
@@ -198,11 +206,8 @@ async def test_unreachable_pbx_is_named_once_and_retried(
 ) -> None:
     closed = free_port()
     env = {
-        "AMIWORKER_SERVERS": servers(closed),
-        "AMIWORKER_MONGO_URI": mongo_server.uri,
+        **cli_env(workdir, closed, mongo_server.uri),
         "AMIWORKER_DATABASE": "cli_unreachable_pbx",
-        "AMIWORKER_HANDLERS": "quiet",
-        "AMIWORKER_APP_DIR": str(workdir / "app"),
         "AMIWORKER_RECONNECT_MIN": "0.05",
         "AMIWORKER_RECONNECT_MAX": "0.2",
     }
@@ -228,12 +233,7 @@ async def test_check_reports_versions_and_timestamps_with_secrets_masked(
     workdir: Path, mongo_server: EmbeddedMongo
 ) -> None:
     async with FakePBX(username="admin", secret=AMI_SECRET, port=0) as pbx:
-        env = {
-            "AMIWORKER_SERVERS": servers(pbx.port),
-            "AMIWORKER_MONGO_URI": mongo_server.uri,
-            "AMIWORKER_HANDLERS": "quiet",
-            "AMIWORKER_APP_DIR": str(workdir / "app"),
-        }
+        env = cli_env(workdir, pbx.port, mongo_server.uri)
         result = await _run_async("check", env=env, cwd=workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "AMI 11.0.0, Asterisk 22" in result.stdout
@@ -246,12 +246,7 @@ async def test_check_fails_for_a_pbx_without_timestamps_unless_allowed(
     workdir: Path, mongo_server: EmbeddedMongo
 ) -> None:
     async with FakePBX(username="admin", secret=AMI_SECRET, port=0, timestamp_events=False) as pbx:
-        env = {
-            "AMIWORKER_SERVERS": servers(pbx.port),
-            "AMIWORKER_MONGO_URI": mongo_server.uri,
-            "AMIWORKER_HANDLERS": "quiet",
-            "AMIWORKER_APP_DIR": str(workdir / "app"),
-        }
+        env = cli_env(workdir, pbx.port, mongo_server.uri)
         refused = await _run_async("check", env=env, cwd=workdir)
         allowed = await _run_async(
             "check", env={**env, "AMIWORKER_ALLOW_NO_TIMESTAMPS": "true"}, cwd=workdir
@@ -272,10 +267,7 @@ async def test_check_says_the_claim_mode_and_in_hedged_mode_compares_two_session
         username="admin", secret=AMI_SECRET, port=0, calls_per_second=10, call_duration=0.2
     ) as pbx:
         env = {
-            "AMIWORKER_SERVERS": servers(pbx.port),
-            "AMIWORKER_MONGO_URI": mongo_server.uri,
-            "AMIWORKER_HANDLERS": "quiet",
-            "AMIWORKER_APP_DIR": str(workdir / "app"),
+            **cli_env(workdir, pbx.port, mongo_server.uri),
             "AMIWORKER_CLAIM_MODE": "hedged",
         }
         result = await _run_async("check", env=env, cwd=workdir)
@@ -291,12 +283,7 @@ async def test_check_with_a_wrong_secret(workdir: Path, mongo_server: EmbeddedMo
     async with FakePBX(
         username="admin", secret="the-real-one", port=0, login_failure_delay=0.1
     ) as pbx:
-        env = {
-            "AMIWORKER_SERVERS": servers(pbx.port),
-            "AMIWORKER_MONGO_URI": mongo_server.uri,
-            "AMIWORKER_HANDLERS": "quiet",
-            "AMIWORKER_APP_DIR": str(workdir / "app"),
-        }
+        env = cli_env(workdir, pbx.port, mongo_server.uri)
         result = await _run_async("check", env=env, cwd=workdir)
     assert result.returncode == 1
     assert "Authentication failed" in result.stdout

@@ -64,8 +64,7 @@ async def test_four_workers_two_pbxs_store_and_handle_each_channel_event_once(
         )
         assert fleet.stop() == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
+        fleet.kill()
         for simulator in simulators:
             simulator.stop()
 
@@ -170,8 +169,7 @@ async def test_a_worker_whose_ami_connection_is_cut_loses_nothing(
             assert fleet.stop() == 0
     finally:
         for fleet in fleets:
-            if fleet.process and fleet.process.poll() is None:
-                fleet.process.kill()
+            fleet.kill()
         await proxy.close()
         simulator.stop()
 

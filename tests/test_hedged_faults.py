@@ -115,8 +115,7 @@ async def test_a_worker_cut_off_or_stalled_for_5s_loses_nothing(
             assert host.stop() == 0
     finally:
         for host in hosts:
-            if host.process and host.process.poll() is None:
-                host.process.kill()
+            host.kill()
         await proxy.close()
         simulator.stop()
 
@@ -142,8 +141,7 @@ async def test_a_worker_killed_every_2s_loses_nothing(
         figures = hedging_figures(db)
         assert host.stop() == 0
     finally:
-        if host.process and host.process.poll() is None:
-            host.process.kill()
+        host.kill()
         for simulator in simulators:
             simulator.stop()
 
@@ -188,8 +186,7 @@ async def test_a_pbx_dropping_every_session_loses_only_the_gap(
         figures = hedging_figures(db)
         assert host.stop() == 0
     finally:
-        if host.process and host.process.poll() is None:
-            host.process.kill()
+        host.kill()
         simulator.stop()
 
     missing = missing_only_in_gap(simulator, db)

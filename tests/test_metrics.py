@@ -293,8 +293,7 @@ async def test_each_worker_of_a_fleet_serves_its_heartbeat_counts(
         assert all(s["amiworker_events_seen_total"] >= 5 * 39 for s in scraped.values())
         assert fleet.stop() == 0
     finally:
-        if fleet.process is not None and fleet.process.poll() is None:
-            fleet.process.kill()
+        fleet.kill()
         simulator.stop()
         await client.drop_database(database_name)
         await close_client(client)

@@ -31,6 +31,7 @@ from tests.fleet_plugin import (
     rss_mib,
     runs_per_key,
     set_rate,
+    stored_ids,
     wait_all_done,
     wait_connected,
 )
@@ -112,8 +113,7 @@ async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_leas
             assert host.stop(60) == 0
     finally:
         for host in hosts:
-            if host.process and host.process.poll() is None:
-                host.process.kill()
+            host.kill()
         simulator.stop()
 
     stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
@@ -166,8 +166,7 @@ async def test_a_frozen_store_is_one_outage_each_way_and_loses_nothing(
         assert sorted(host.worker_pids()) == workers, "no worker died or was restarted"
         assert host.stop() == 0
     finally:
-        if host.process and host.process.poll() is None:
-            host.process.kill()
+        host.kill()
         simulator.stop()
         client.close()
         mongo.stop()
@@ -179,12 +178,7 @@ async def test_a_frozen_store_is_one_outage_each_way_and_loses_nothing(
     assert all("timed out" in line.lower() or "unreachable" in line for line in lost), lost
     assert "ended unexpectedly" not in log
     # Nothing lost, and nothing handled twice: no live worker was taken for dead.
-    mongo.start()
-    try:
-        events: Any = MongoClient(mongo.uri)["freeze"].events
-        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
-    finally:
-        mongo.stop()
+    stored = stored_ids(mongo, "freeze")
     assert sorted(stored) == sorted(sent)
     runs = runs_per_key(app_dirs[1])
     assert set(runs) == set(sent) and max(runs.values()) == 1
@@ -236,8 +230,7 @@ async def test_a_dying_loop_ends_the_worker_which_is_restarted_and_loses_nothing
         )
         assert host.stop() == 0
     finally:
-        if host.process and host.process.poll() is None:
-            host.process.kill()
+        host.kill()
         simulator.stop()
 
     log = host.log_text()
@@ -325,8 +318,7 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
         )
         assert host.stop() == 0
     finally:
-        if host.process and host.process.poll() is None:
-            host.process.kill()
+        host.kill()
         simulator.stop()
 
     assert max(backlogs) <= BACKLOG, max(backlogs)

@@ -143,8 +143,7 @@ async def test_a_refused_event_is_logged_counted_and_the_claims_go_on(
                 assert sorted(fleet.worker_pids()) == pids, "no worker died or was restarted"
                 assert await asyncio.to_thread(fleet.stop) == 0
             finally:
-                if fleet.process and fleet.process.poll() is None:
-                    fleet.process.kill()
+                fleet.kill()
     finally:
         simulator.stop()
     took = time.monotonic() - began

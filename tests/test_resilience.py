@@ -23,7 +23,9 @@ from tests.fleet_plugin import (
     kill_every,
     missing_only_in_gap,
     read_invocations,
+    recording_fleet,
     set_rate,
+    stored_ids,
     wait_all_done,
     wait_connected,
 )
@@ -51,17 +53,10 @@ def start_fleet(
     workers: int,
     recording_app: tuple[Path, Path],
 ) -> FleetProcess:
-    app_dir, record_dir = recording_app
-    return FleetProcess(
-        tmp_path / "fleet",
-        servers=[s.server_setting() for s in simulators],
-        mongo_uri=uri,
-        database=database,
-        workers=workers,
-        handlers=["recording"],
-        app_dir=app_dir,
-        extra_env={"RECORD_DIR": str(record_dir), **FAST_RECOVERY},
-    ).start()
+    servers = [s.server_setting() for s in simulators]
+    return recording_fleet(
+        tmp_path / "fleet", servers, uri, database, workers, recording_app, FAST_RECOVERY
+    )
 
 
 # What a crash may cost: a re-run of what the killed worker had started, or had
@@ -93,8 +88,7 @@ async def test_chaos_random_worker_killed_every_2s(
         done_after = time.monotonic() - last_call
         assert fleet.stop() == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
+        fleet.kill()
         for simulator in simulators:
             simulator.stop()
 
@@ -145,8 +139,8 @@ async def test_mongodb_killed_and_restarted_mid_run_loses_nothing(
         await wait_all_done(db, len(sent), 180)
         assert fleet.stop() == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
+        client.close()
+        fleet.kill()
         simulator.stop()
         mongo.stop()
 
@@ -154,15 +148,10 @@ async def test_mongodb_killed_and_restarted_mid_run_loses_nothing(
     assert "unreachable" in log and "MongoDB is back" in log
     assert "event buffer full" not in log
     # The store is gone again here; what was checked above is in the collection.
-    mongo.start()
-    try:
-        stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]
-        assert sorted(stored) == sorted(sent)
-        runs = [r.key for r in read_invocations(recording_app[1]) if not r.key.startswith("local:")]
-        assert sorted(runs) == sorted(sent), "each handled exactly once across the outage"
-    finally:
-        client.close()
-        mongo.stop()
+    stored = stored_ids(mongo, "outage")
+    assert sorted(stored) == sorted(sent)
+    runs = [r.key for r in read_invocations(recording_app[1]) if not r.key.startswith("local:")]
+    assert sorted(runs) == sorted(sent), "each handled exactly once across the outage"
 
 
 async def test_pbx_restart_workers_return_within_backoff_and_only_the_gap_is_missing(
@@ -196,8 +185,7 @@ async def test_pbx_restart_workers_return_within_backoff_and_only_the_gap_is_mis
         )
         assert fleet.stop() == 0
     finally:
-        if fleet.process and fleet.process.poll() is None:
-            fleet.process.kill()
+        fleet.kill()
         simulator.stop()
 
     log = fleet.log_text()

@@ -28,6 +28,7 @@ from tests.fleet_plugin import (
     recording_fleet,
     rss_mib,
     set_rate,
+    stored_ids,
     wait_connected,
 )
 from tests.waiting import wait_for
@@ -66,8 +67,7 @@ def spilled_now(db: Any) -> int:
 def tear_down(
     fleet: FleetProcess, simulator: SimulatorProcess, client: MongoClient[Any], mongo: EmbeddedMongo
 ) -> None:
-    if fleet.process and fleet.process.poll() is None:
-        fleet.process.kill()
+    fleet.kill()
     simulator.stop()
     client.close()
     mongo.stop()
@@ -76,12 +76,7 @@ def tear_down(
 def assert_stored_and_handled_once(mongo: EmbeddedMongo, sent: list[str], record_dir: Path) -> None:
     """Every event sent stored once and handled, read from the store started again
     (the test's teardown stopped it; its data stays on disk)."""
-    mongo.start()
-    try:
-        events: Any = MongoClient(mongo.uri)["spill"].events
-        stored = [d["_id"] for d in events.find({}, {"_id": 1})]
-    finally:
-        mongo.stop()
+    stored = stored_ids(mongo, "spill")
     assert sorted(stored) == sorted(sent), "each stored once, none lost"
     runs = {r.key for r in read_invocations(record_dir) if not r.key.startswith("local:")}
     assert runs == set(sent)

@@ -111,8 +111,8 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         if board is not None:
             board.stop()
-        if fleet is not None and fleet.process is not None and fleet.process.poll() is None:
-            fleet.stop()
+        if fleet is not None:
+            fleet.stop()  # nothing to do if it has exited
         for simulator in simulators:
             simulator.stop()
         mongo.stop()

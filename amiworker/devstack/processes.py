@@ -216,6 +216,13 @@ class FleetProcess:
         """SIGTERM (graceful), then wait; returns the exit status."""
         return stop_process(self.process, timeout, "amiworker")
 
+    def kill(self) -> None:
+        """SIGKILL the supervisor if it still runs: a teardown after a failure. Its
+        workers get SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop on their own."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
 
 def stop_process(process: subprocess.Popen[bytes] | None, timeout: float, what: str) -> int:
     """SIGTERM (a graceful stop), then wait; kill it past ``timeout`` and say so."""

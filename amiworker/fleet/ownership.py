@@ -175,7 +175,6 @@ class Decision(NamedTuple):
 
 
 _OWNED: Final = Decision(True, [], 0)
-_UNDECIDED: Final = _OWNED
 
 
 class Ownership:
@@ -243,7 +242,7 @@ class Ownership:
         hot path: between view changes, a call's decision is made once."""
         current = self._views.get(pbx)
         if current is None:
-            return _UNDECIDED  # no view yet: claim, as in race mode
+            return _OWNED  # no view yet: claim, as in race mode
         if self._recent.get(pbx):
             return self._decide(self.views(pbx), current, event)
         decided = self._decided.get(pbx)
