@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -22,6 +24,31 @@ _worker_id = "-"
 _secrets: set[str] = set()
 _masked_in_order: tuple[str, ...] = ()
 _MASK = "***"
+
+
+class Throttle:
+    """At most one log line per ``interval`` seconds for a recurring failure, each
+    with the count of what happened since the previous line: every occurrence is
+    counted, and a flood cannot drown the log."""
+
+    __slots__ = ("_clock", "_interval", "_last", "_pending")
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last = float("-inf")
+        self._pending = 0
+
+    def count(self, occurrences: int = 1) -> int:
+        """Count ``occurrences``; return how many the line due now reports (0: no
+        line is due yet)."""
+        self._pending += occurrences
+        now = self._clock()
+        if now - self._last < self._interval:
+            return 0
+        self._last = now
+        reported, self._pending = self._pending, 0
+        return reported
 
 
 def set_worker_id(worker_id: str) -> None:

@@ -31,14 +31,13 @@ from typing import Any, Final, TypeVar
 from amiworker.ami.message import Message
 from amiworker.fleet.pending import Pending
 from amiworker.fleet.spill import Spill, SpilledEvent
+from amiworker.logs import Throttle
 from amiworker.stats import WorkerStats
 
 __all__ = ["Batch", "ClaimQueue"]
 
 log = logging.getLogger("amiworker.fleet.claims")
 
-# At most one "dropping events" line per this many seconds (plus a count).
-_DROP_LOG_INTERVAL: Final = 10.0
 _MIB: Final = 1024 * 1024
 
 T = TypeVar("T")
@@ -78,8 +77,7 @@ class ClaimQueue:
         self._spilling_since = 0.0
         self._ready = asyncio.Event()
         self._spill_waiting = asyncio.Event()
-        self._last_drop_log = 0.0
-        self._drops_since_log = 0
+        self._drops = Throttle()
         #: The spill as last seen by its thread: events, bytes, oldest received_at.
         self.spill_events = 0
         self.spill_bytes = 0
@@ -173,9 +171,8 @@ class ClaimQueue:
 
     def _drop_many(self, count: int) -> None:
         self._stats.dropped += count
-        self._drops_since_log += count
-        now = time.monotonic()
-        if now - self._last_drop_log >= _DROP_LOG_INTERVAL:
+        dropped = self._drops.count(count)
+        if dropped:
             where = (
                 f"the spill is full (spill_max_bytes, {self.spill_bytes / _MIB:.0f} MiB)"
                 if self._spill is not None
@@ -185,11 +182,9 @@ class ClaimQueue:
                 "MongoDB unreachable or too slow and %s: dropped %d event(s), %d in all; "
                 "raise spill_max_bytes or buffer_size, or fix MongoDB",
                 where,
-                self._drops_since_log,
+                dropped,
                 self._stats.dropped,
             )
-            self._last_drop_log = now
-            self._drops_since_log = 0
 
     # -- the spill writer ---------------------------------------------------------------
 

@@ -76,6 +76,7 @@ from amiworker.fleet.spill_files import (
     segment_name,
     segment_number,
 )
+from amiworker.logs import Throttle
 
 __all__ = ["Spill", "SpillDirError", "SpilledEvent", "check_spill_dir"]
 
@@ -87,8 +88,6 @@ _READ_CHUNK = 1 << 20
 # committed events back a segment at a time.
 _SEGMENT_MIN = 4096
 _SEGMENT_MAX = 64 << 20
-# At most one log line per this many seconds for a failing disk (with a count).
-_ERROR_LOG_INTERVAL = 10.0
 _START = len(MAGIC)  # where a segment's first record starts
 
 
@@ -174,8 +173,7 @@ class Spill:
         self._server_names: dict[bytes, str] = {}
         self._data_dirty = self._cursor_dirty = self._dir_dirty = False
         self._last_sync = time.monotonic()
-        self._last_error_log = -_ERROR_LOG_INTERVAL
-        self._errors_since_log = 0
+        self._errors = Throttle()
 
     @property
     def events(self) -> int:
@@ -518,12 +516,9 @@ class Spill:
             )
 
     def _log_error(self, message: str) -> None:
-        self._errors_since_log += 1
-        now = time.monotonic()
-        if now - self._last_error_log >= _ERROR_LOG_INTERVAL:
-            log.error("%s; %d such error(s) since the last line", message, self._errors_since_log)
-            self._last_error_log = now
-            self._errors_since_log = 0
+        errors = self._errors.count()
+        if errors:
+            log.error("%s; %d such error(s) since the last line", message, errors)
 
 
 class _Reader:

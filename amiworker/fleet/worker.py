@@ -63,6 +63,7 @@ from amiworker.fleet.outcomes import Outcomes
 from amiworker.fleet.scheduler import HandlerScheduler, Job
 from amiworker.fleet.spill import Spill
 from amiworker.fleet.takeover import Takeover
+from amiworker.logs import Throttle
 from amiworker.settings import Settings, secrets_of
 from amiworker.stats import WorkerStats
 
@@ -72,8 +73,6 @@ log = logging.getLogger("amiworker.worker")
 
 #: Exit status of a worker whose loop died (the supervisor restarts it).
 EXIT_LOOP_DIED: Final = 3
-# At most one "backlog full" line per this many seconds (plus a count).
-_DROP_LOG_INTERVAL: Final = 10.0
 # prctl(2): send this signal when the parent process dies.
 _PR_SET_PDEATHSIG: Final = 1
 # Seconds the outcomes of the last handler runs get to be written on a stop.
@@ -196,8 +195,7 @@ class Worker:
         #: PBX -> whether its events carry a Timestamp (None: not seen yet).
         self.timestamps: dict[str, bool] = {}
         self._stop = asyncio.Event()
-        self._local_drops = 0
-        self._local_drop_logged = -_DROP_LOG_INTERVAL
+        self._local_drops = Throttle()
 
     # -- the hot path: called by the AMI reader, must never wait -------------------------
 
@@ -230,19 +228,16 @@ class Worker:
         """An event every worker handles (it is not stored), with the backlog full: it
         cannot wait in MongoDB for another worker, and memory must stay bounded."""
         self.stats.dropped += 1
-        self._local_drops += 1
-        now = time.monotonic()
-        if now - self._local_drop_logged >= _DROP_LOG_INTERVAL:
+        dropped = self._local_drops.count()
+        if dropped:
             log.error(
                 "handler backlog full (handler_backlog %d): %d %s event(s) not handled by this "
                 "worker (events with no Uniqueid, handled by every worker, are not stored); "
                 "the handlers are too slow: raise handler_concurrency or make them faster",
                 self.settings.handler_backlog,
-                self._local_drops,
+                dropped,
                 message.name,
             )
-            self._local_drop_logged = now
-            self._local_drops = 0
 
     def _on_session(self, server: str) -> None:
         self._unchecked.add(server)
