@@ -1,0 +1,228 @@
+"""Hedged mode in one process: owners publish their coverage, standbys forget what it
+covers and hedge what it does not, through the worker's own routing and exchange
+code (fleet.hedging, fleet.coverage, fleet.standby) over an in-memory coverage
+collection.
+
+What a user relies on: an event its owner claimed is forgotten by every standby
+(one insert per event); an event no owner claimed is hedged (claimed by a
+standby, first-ranked first), never dropped, whether the owner died, stalled or
+the window filled; a live owner that is merely slow is not second-guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amiworker.ami.message import Message
+from amiworker.fleet.health import StoreHealth
+from amiworker.fleet.hedging import Hedging
+from amiworker.fleet.pending import Pending
+from amiworker.stats import WorkerStats
+
+PBX = "pbx1"
+DELAY = 1.0  # hedge_delay
+
+
+class CoverageCollection:
+    """The ``coverage`` collection, in memory: what ``LockTable`` gives hedging."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, Any]] = {}
+
+    def client(self, worker_id: str) -> _CoverageClient:
+        return _CoverageClient(self, worker_id)
+
+
+class _CoverageClient:
+    def __init__(self, collection: CoverageCollection, worker_id: str) -> None:
+        self._docs = collection.docs
+        self._me = worker_id
+
+    async def publish_coverage(self, fields: Mapping[str, Any]) -> None:
+        self._docs.setdefault(self._me, {"_id": self._me}).update(copy.deepcopy(dict(fields)))
+
+    async def coverage(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(list(self._docs.values()))
+
+
+class Node:
+    """One worker's hedging, fed events as its reader would, its claims recorded."""
+
+    def __init__(self, me: str, collection: CoverageCollection, window: int = 10_000) -> None:
+        self.me = me
+        self.stats = WorkerStats()
+        self.hedges: list[str] = []
+        self.owned: list[Pending] = []
+        self.kept: list[str] = []
+        self.hedging = Hedging(
+            collection.client(me),  # type: ignore[arg-type]  # the two calls hedging makes
+            worker_id=me,
+            servers=[PBX],
+            hedge_delay=DELAY,
+            window=window,
+            lease=10.0,
+            transition=DELAY,
+            stats=self.stats,
+            health=StoreHealth(),
+            claim=lambda items: self.hedges.extend(item.key for item in items),
+            connected=lambda: {PBX: True},
+        )
+        # Present from the start, as a running fleet's workers are to each other.
+        collection.docs[me] = {"_id": me, "beat": 0, "state": "running",
+                               "pbxs": {PBX: {"connected": True}}}  # fmt: skip
+
+    def receive(self, key: str, call: str, at: float) -> None:
+        raw = f"Event: Newstate\r\nUniqueid: {key}\r\nLinkedid: {call}\r\n\r\n".encode()
+        item = Pending(PBX, Message(raw), datetime.now(UTC), at, key)
+        if self.hedging.route(item):
+            self.owned.append(item)
+        else:
+            self.kept.append(key)
+
+    def settle(self, count: int | None = None) -> list[str]:
+        """The claim loop claimed this worker's oldest ``count`` owned events (all)."""
+        done, self.owned = self.owned[:count], self.owned[len(self.owned[:count]) :]
+        self.hedging.settled(done)
+        return [item.key for item in done]
+
+    def due(self, now: float, store_up: bool = True) -> list[str]:
+        before = len(self.hedges)
+        hedged = self.hedging.standby.due(now, store_up=store_up)
+        self.hedges.extend(item.key for item in hedged)
+        return self.hedges[before:]
+
+
+async def exchange(nodes: list[Node], rounds: int = 1) -> None:
+    for _ in range(rounds):
+        for node in nodes:
+            await node.hedging.exchange()
+
+
+async def fleet(names: str = "abc", window: int = 10_000) -> list[Node]:
+    collection = CoverageCollection()
+    nodes = [Node(f"w-{name}", collection, window) for name in names]
+    await exchange(nodes)
+    assert all(node.hedging.ownership.ready(PBX) for node in nodes)
+    return nodes
+
+
+def send(nodes: list[Node], calls: int, events_per_call: int = 4, prefix: str = "") -> float:
+    """The same events, in the same order, to every worker; returns when they came."""
+    at = time.monotonic()
+    for index in range(calls * events_per_call):
+        call = f"{prefix}call-{index % calls}"
+        for node in nodes:
+            node.receive(f"{prefix}event-{index}", call, at)
+    return at
+
+
+async def test_what_its_owner_claimed_every_standby_forgets() -> None:
+    nodes = await fleet()
+    at = send(nodes, calls=60)
+    events = 240
+    assert sum(len(node.owned) for node in nodes) == events  # one owner each
+    assert all(len(node.kept) == events - len(node.owned) for node in nodes)
+    for node in nodes:
+        node.settle()
+    await exchange(nodes, rounds=2)
+
+    for node in nodes:
+        assert node.hedging.standby.depth == 0
+        assert node.due(at + 100 * DELAY) == []
+    assert sum(node.stats.covered for node in nodes) == 2 * events  # by both standbys
+
+
+async def test_a_live_owner_still_claiming_is_not_second_guessed() -> None:
+    nodes = await fleet()
+    owner = nodes[0]
+    at = send(nodes, calls=40)
+    mine = [item.key for item in owner.owned]
+    for node in nodes[1:]:
+        node.settle()
+    # The owner claims slowly: a few events per exchange, its watermark moving.
+    hedged: list[str] = []
+    now = at + DELAY
+    while owner.owned:
+        owner.settle(3)
+        await exchange(nodes)
+        now += DELAY  # far slower than its deadlines, on the clock
+        for node in nodes[1:]:
+            hedged += node.due(now)
+    assert hedged == [], "an owner at work is waited for"
+    for node in nodes[1:]:
+        assert node.hedging.standby.depth == 0
+        assert node.stats.covered >= len(mine)
+
+
+async def test_a_live_owner_that_stopped_claiming_is_hedged_after_its_grace() -> None:
+    """Its AMI session stalled, or its claims hang: it beats, its watermark does not move."""
+    nodes = await fleet()
+    stuck = nodes[0]
+    at = send(nodes, calls=30)
+    orphans = {item.key for item in stuck.owned}
+    for node in nodes[1:]:
+        node.settle()
+    await exchange(nodes, rounds=4)
+    assert [node.due(at + DELAY + 0.01) for node in nodes[1:]] == [[], []]
+    await exchange(nodes, rounds=6)
+    hedged = set().union(*(node.due(at + 3 * DELAY) for node in nodes[1:]))
+    assert hedged == orphans
+
+
+async def test_nothing_is_hedged_while_the_store_is_away() -> None:
+    nodes = await fleet()
+    at = send(nodes, calls=10)
+    for node in nodes[1:]:
+        node.settle()
+    await exchange(nodes[1:], rounds=12)
+    assert nodes[1].due(at + 10 * DELAY, store_up=False) == []
+    assert set(nodes[1].due(at + 10 * DELAY)) == {item.key for item in nodes[0].owned}
+
+
+async def test_a_full_window_claims_its_oldest_events_and_drops_none() -> None:
+    nodes = await fleet(window=50)
+    send(nodes, calls=100)
+    standby = nodes[1]
+    assert standby.hedging.standby.depth <= 50
+    assert standby.hedges, "the overflow is claimed at once"
+    assert standby.hedges == standby.kept[: len(standby.hedges)], "oldest first"
+    assert len(standby.hedges) + standby.hedging.standby.depth == len(standby.kept)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    names=st.sampled_from(["ab", "abc", "abcd"]),
+    calls=st.integers(1, 25),
+    settled=st.lists(st.floats(0, 1), min_size=4, max_size=4),
+    dead=st.sets(st.integers(0, 3), max_size=2),
+)
+async def test_no_event_is_forgotten_unless_its_owner_claimed_it(
+    names: str, calls: int, settled: list[float], dead: set[int]
+) -> None:
+    """Whatever each owner claimed of its share (a prefix, as claims go in arrival
+    order), and whoever died: every event is claimed by its owner or hedged, and
+    a standby forgets only what the owner claimed."""
+    nodes = await fleet(names)
+    at = send(nodes, calls)
+    everything = {f"event-{index}" for index in range(calls * 4)}
+    claimed: set[str] = set()
+    for index, node in enumerate(nodes):
+        claimed |= set(node.settle(int(len(node.owned) * settled[index])))
+    live = [node for index, node in enumerate(nodes) if index not in dead] or nodes[:1]
+    await exchange(live, rounds=12)
+    hedged: set[str] = set()
+    for node in live:
+        hedged |= set(node.due(at + 10 * DELAY))
+        assert node.hedging.standby.depth == 0
+        forgotten = set(node.kept) - set(node.hedges)
+        assert forgotten <= claimed, "forgotten, though its owner never claimed it"
+    unclaimed = everything - claimed
+    owned_by_live = {key for node in live for key in (item.key for item in node.owned)}
+    assert unclaimed - owned_by_live <= hedged, "an event nobody claimed was dropped"
