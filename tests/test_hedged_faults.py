@@ -64,15 +64,18 @@ def fleet(
 def hedging_figures(db: Any) -> str:
     counters: Counter[str] = Counter()
     late: list[float] = []
+    typical: list[float] = []
     for row in db.workers.find({}, {"counters": 1, "hedging": 1}):
         counters.update(row.get("counters") or {})
         info = row.get("hedging") or {}
         if info.get("hedge_late_max") is not None:
             late.append(float(info["hedge_late_max"]))
+            typical.append(float(info["hedge_late_p50"]))
     won, lost = counters["races_won"], counters["races_lost"]
     return (
         f"owned {counters['owned']}, hedged {counters['hedged']} "
-        f"(latest at most {max(late, default=0.0):.1f} s after receipt), covered "
+        f"(median {min(typical, default=0.0):.1f}-{max(typical, default=0.0):.1f} s "
+        f"after receipt per worker, latest {max(late, default=0.0):.1f} s), covered "
         f"{counters['covered']}; {(won + lost) / max(won, 1):.2f} inserts per stored event"
     )
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from amiworker.ami.message import Message
 from amiworker.fleet.health import StoreHealth
 from amiworker.fleet.hedging import Hedging
+from amiworker.fleet.ownership import owner_hash, owner_under
 from amiworker.fleet.pending import Pending
 from amiworker.stats import WorkerStats
 
@@ -61,18 +62,18 @@ class Node:
         self.hedges: list[str] = []
         self.owned: list[Pending] = []
         self.kept: list[str] = []
+        self.connected = True  # its AMI session to the PBX
         self.hedging = Hedging(
             collection.client(me),  # type: ignore[arg-type]  # the two calls hedging makes
             worker_id=me,
             servers=[PBX],
             hedge_delay=DELAY,
             window=window,
-            lease=10.0,
             transition=DELAY,
             stats=self.stats,
             health=StoreHealth(),
             claim=lambda items: self.hedges.extend(item.key for item in items),
-            connected=lambda: {PBX: True},
+            connected=lambda: {PBX: self.connected},
         )
         # Present from the start, as a running fleet's workers are to each other.
         collection.docs[me] = {"_id": me, "beat": 0, "state": "running",
@@ -137,6 +138,92 @@ async def test_what_its_owner_claimed_every_standby_forgets() -> None:
         assert node.hedging.standby.depth == 0
         assert node.due(at + 100 * DELAY) == []
     assert sum(node.stats.covered for node in nodes) == 2 * events  # by both standbys
+
+
+async def test_a_dead_owners_events_are_hedged_at_the_deadline_first_ranked_first() -> None:
+    nodes = await fleet()
+    dead, alive = nodes[0], nodes[1:]
+    send(nodes, calls=20, prefix="before-")
+    for node in nodes:
+        node.settle()
+    await exchange(nodes)
+    at = send(nodes, calls=30)  # the first worker is killed as these arrive
+    orphans = {item.key for item in dead.owned}
+    assert orphans
+    for node in alive:
+        node.settle()
+    # More exchanges than it takes a dead worker's beat to go stale, fewer than the
+    # grace an idle live owner gets for its first claim.
+    await exchange(alive, rounds=5)
+
+    first = {node.me: node.due(at + DELAY + 0.01) for node in alive}
+    second = {node.me: node.due(at + 2 * DELAY + 0.01) for node in alive}
+    assert set().union(*first.values()) == orphans, "every orphan hedged at the deadline"
+    assert all(set(keys) <= orphans for keys in first.values())  # nothing else
+    # Each orphan hedged once by its first-ranked standby; the second one follows
+    # only a delay later, for what it had not seen covered (here: all of it).
+    assert sum(len(keys) for keys in first.values()) == len(orphans)
+    assert set().union(*second.values()) == orphans
+
+
+async def test_a_silent_worker_leaves_the_views_and_its_calls_get_live_owners() -> None:
+    """Within a few exchanges, long before its lease: new events are claimed at once by
+    a live worker, none waits for a hedge."""
+    nodes = await fleet()
+    alive = nodes[1:]  # the first one stops beating
+    await exchange(alive, rounds=10)
+    for node in alive:
+        assert node.hedging.ownership.views(PBX)[0].workers == tuple(n.me for n in alive)
+    send(alive, calls=30)
+    assert sum(len(node.owned) for node in alive) == 120, "each new event owned by a live worker"
+
+
+async def test_an_owner_that_passed_an_event_is_not_waited_for_on_it() -> None:
+    """Views disagree after a death: the standby already owns the dead worker's calls
+    to a live worker that still sees the dead one as their owner. That worker
+    passes them unclaimed while busy with its own; the standby must hedge them at
+    their deadline rather than wait on a worker at work on other events."""
+    nodes = await fleet()
+    dead, live, standby = nodes
+    # The first worker dies; a few exchanges on, no one has dropped it from its view.
+    await exchange([live, standby], rounds=5)
+    everyone = tuple(n.me for n in nodes)
+    assert standby.hedging.ownership.views(PBX)[0].workers == everyone
+    # The standby is first to see it gone.
+    standby.hedging.ownership.update(PBX, [live.me, standby.me])
+    at = time.monotonic()
+    expected = set()
+    for index in range(120):
+        key, call = f"event-{index}", f"call-{index % 30}"
+        for node in (live, standby):
+            node.receive(key, call, at)
+        raw = f"Event: Newstate\r\nUniqueid: {key}\r\nLinkedid: {call}\r\n\r\n".encode()
+        event = owner_hash(raw, key)
+        if (
+            owner_under(event, everyone) == dead.me
+            and owner_under(event, (live.me, standby.me)) == live.me
+        ):
+            expected.add(key)  # the live worker's under the new view, the dead one's under the old
+    assert expected
+    live.settle()
+    standby.settle()
+    await exchange([live, standby], rounds=2)
+    assert set(standby.due(at + DELAY + 0.01)) == expected
+
+
+async def test_an_owner_whose_session_dropped_is_not_waited_for() -> None:
+    """It beats, but says its session to the PBX is down: what it had not covered it
+    may never have received (the events lost in the cut)."""
+    nodes = await fleet()
+    cut = nodes[0]
+    at = send(nodes, calls=30)
+    orphans = {item.key for item in cut.owned}
+    for node in nodes[1:]:
+        node.settle()
+    cut.connected = False
+    await exchange(nodes, rounds=2)  # well within the grace of an owner at work
+    hedged = set().union(*(node.due(at + DELAY + 0.01) for node in nodes[1:]))
+    assert hedged == orphans
 
 
 async def test_a_live_owner_still_claiming_is_not_second_guessed() -> None:

@@ -20,8 +20,8 @@ This module ties them to the worker: the reader's per-event decision (never
 waits), and the exchange loop. Every ``hedge_delay / 4`` each worker writes
 one small document in the ``coverage`` collection (a beat counter, running or
 leaving, its sessions per PBX and their coverage) and reads everyone's: the
-views come from those documents (a worker whose beat has not moved for a lease
-is dead; one leaving or whose session is down owns nothing), so a change
+views come from those documents (a worker whose beat has not moved for a few
+exchanges is gone; one leaving or whose session is down owns nothing), so a change
 reaches every worker within an exchange or two, and the ``transition`` during
 which a worker owns under both views stays short.
 """
@@ -54,6 +54,14 @@ log = logging.getLogger("amiworker.fleet.hedging")
 # standby rarely waits, and a handful of small writes a second per worker.
 _EXCHANGES_PER_DELAY: Final = 4
 _MIN_INTERVAL: Final = 0.05
+# A worker is in the views while its beat has moved within this many of our own
+# exchanges (2 s at their pace; counted in exchanges, so a slow store slows both
+# sides alike). Far shorter than the lease, on purpose: the lease decides that a
+# worker's claimed events may run again elsewhere, and must not be wrong; a view
+# only says who claims first, and a wrong one costs an extra insert. A killed
+# worker's calls get live owners within that, instead of being hedged until
+# its lease runs out.
+_VIEW_EXCHANGES: Final = 2 * _EXCHANGES_PER_DELAY
 
 
 class Hedging:
@@ -65,7 +73,6 @@ class Hedging:
         servers: list[str],
         hedge_delay: float,
         window: int,
-        lease: float,
         transition: float,
         stats: WorkerStats,
         health: StoreHealth,
@@ -76,7 +83,6 @@ class Hedging:
         self._me = worker_id
         self._connected = connected
         self._servers = servers
-        self._lease = lease
         self._stats = stats
         self._health = health
         self._claim = claim
@@ -93,8 +99,6 @@ class Hedging:
         self._beat = 0
         # Seconds from receipt to hedge, of the latest hedges.
         self._lateness: deque[float] = deque(maxlen=1000)
-        # worker -> (its last beat, monotonic time it last moved)
-        self._beats: dict[str, tuple[int, float]] = {}
 
     # -- the reader's side: never waits ----------------------------------------------------
 
@@ -178,21 +182,17 @@ class Hedging:
         docs = await self._store.coverage()
         now = time.monotonic()
         self.standby.exchanges += 1
+        self.standby.heard({str(doc["_id"]): doc.get("beat") for doc in docs})
         for doc in docs:
             if doc["_id"] != self._me:
                 self.standby.apply(str(doc["_id"]), doc.get("pbxs") or {}, now)
         self._update_views(docs, now)
 
     def _update_views(self, docs: list[dict[str, Any]], now: float) -> None:
-        beats = self._beats
         live = set()
         for doc in docs:
             worker = str(doc["_id"])
-            beat = int(doc.get("beat") or 0)
-            last = beats.get(worker)
-            if last is None or last[0] != beat:
-                beats[worker] = last = (beat, now)
-            if now - last[1] < self._lease and doc.get("state") == "running":
+            if doc.get("state") == "running" and self.standby.silent_for(worker) <= _VIEW_EXCHANGES:
                 live.add(worker)
         for pbx in self._servers:
             eligible = [

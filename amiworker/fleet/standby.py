@@ -10,10 +10,10 @@ passes is forgotten if the owner declared owning under the view this worker
 used for it; otherwise no one claimed it, and it is hedged at its deadline.
 
 At the deadline an event still uncovered is hedged (claimed here, through the
-same unique ``_id``) unless its owner is visibly at work on it: its record is
-fresh and its watermark moving (a busy store delays an owner; hedging then would
-only add the inserts that make it slower). MongoDB itself away: nobody can
-claim; the deadline waits.
+same unique ``_id``) unless its owner is visibly at work on it: it still beats,
+its session to the PBX is up, and its watermark is moving (a busy store delays
+an owner; hedging then would only add the inserts that make it slower).
+MongoDB itself away: nobody can claim; the deadline waits.
 
 Positions: a counter per PBX over every raced event received, and an index from
 key to position for the recent ones, contiguous within this worker's current
@@ -42,6 +42,12 @@ _MAX_EXTENSIONS: Final = 30
 # (counted in exchanges, not seconds: a saturated store slows every exchange,
 # and must not make the owners it slows look dead).
 _AT_WORK_EXCHANGES: Final = 8
+# ... and while its beat (one per exchange of its own) has moved within this many
+# of ours: a killed worker stops beating at once, and the grace above would add
+# its length to every hedge of what the worker owned when it died. Room for an
+# owner whose exchanges run at half our pace (a busier CPU); one slower than that
+# costs an extra insert, never a lost event.
+_BEATING_EXCHANGES: Final = 4
 _NEVER: Final = float("inf")
 
 
@@ -57,6 +63,7 @@ class _Entry:
     undecided: int  # expected owners that have not passed it uncovered yet
     since: int  # the exchange it arrived in (an owner's progress is judged from then)
     tried: tuple[str, ...] = ()  # owners it was queued for
+    passed: tuple[str, ...] = ()  # owners whose watermark passed it, not claimed by them
     extensions: int = 0
     live: bool = True
 
@@ -107,6 +114,8 @@ class Standby:
         self._entries: dict[str, _Entry] = {}
         self._arrivals: deque[_Entry] = deque()
         self._by_rank: dict[int, deque[_Entry]] = {}
+        # Owner -> (its last beat, the exchange of ours in which it last moved).
+        self._beats: dict[str, tuple[Any, int]] = {}
         #: Exchanges of coverage so far (fleet.hedging counts them).
         self.exchanges = 0
 
@@ -216,10 +225,25 @@ class Standby:
         del self._entries[entry.key]
         entry.item = None
         entry.assignments = []
-        entry.tried = ()
+        entry.tried = entry.passed = ()
         return item
 
     # -- coverage ----------------------------------------------------------------------------
+
+    def heard(self, beats: Mapping[str, Any]) -> None:
+        """Every worker's beat, as read in this exchange (those not listed are gone)."""
+        heard: dict[str, tuple[Any, int]] = {}
+        for owner, beat in beats.items():
+            previous = self._beats.get(owner)
+            if previous is None or previous[0] != beat:
+                previous = (beat, self.exchanges)  # it moved in this exchange
+            heard[owner] = previous
+        self._beats = heard
+
+    def silent_for(self, worker: str) -> float:
+        """Exchanges of ours since ``worker``'s beat last moved (infinite: not heard)."""
+        beat = self._beats.get(worker)
+        return _NEVER if beat is None else self.exchanges - beat[1]
 
     def apply(self, owner: str, records: Mapping[str, Any], now: float) -> None:
         """An owner's coverage records (one per PBX), as read from MongoDB."""
@@ -287,6 +311,7 @@ class Standby:
             # Passed, not claimed by this owner. Under its views another worker may
             # have owned it: wait for that one's coverage too.
             entry.undecided -= 1
+            entry.passed += (owner,)
             for view in views or ():
                 other = owner_under(entry.owner, view)
                 if other is not None:
@@ -350,11 +375,17 @@ class Standby:
             return False  # every expected owner passed it without claiming it
         stream = self._streams[entry.pbx]
         for assignment in entry.assignments:
+            if assignment.owner in entry.passed:
+                continue  # at work, maybe, but not on this one
             state = stream.owners.get(assignment.owner)
             if (
                 state is not None
                 and state.record is not None
                 and not state.record.get("final")  # leaving: will never cover it
+                # Its session to this PBX is down: what it had not covered, it may
+                # never have received.
+                and state.record.get("connected", True)
+                and self.silent_for(assignment.owner) <= _BEATING_EXCHANGES
                 # Its watermark moved since this event arrived, or lately: an owner
                 # idle until this burst gets as long as any to claim its first batch.
                 and self.exchanges - max(state.mark_moved, entry.since) <= _AT_WORK_EXCHANGES

@@ -164,7 +164,6 @@ class Worker:
                 servers=[server.name for server in settings.servers],
                 hedge_delay=settings.hedge_delay,
                 window=settings.hedge_window,
-                lease=settings.lease,
                 # Owning under the old view and the new one for this long after a
                 # change covers the workers that see it an exchange or two later.
                 transition=settings.hedge_delay,
