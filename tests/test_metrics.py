@@ -78,6 +78,7 @@ def fake_worker() -> Any:
             ),
         ),
         scheduler=SimpleNamespace(depth=2, on_started=None),
+        hedging=SimpleNamespace(standby=SimpleNamespace(depth=3), on_hedged=None),
         previous=previous,
     )
 
@@ -93,6 +94,7 @@ async def test_counters_are_read_at_scrape_time() -> None:
         assert first[("amiworker_events_failed_total", w)] == 1
         assert first[("amiworker_queue_depth", (("stage", "claim"), *w))] == 7
         assert first[("amiworker_queue_depth", (("stage", "handlers"), *w))] == 2
+        assert first[("amiworker_standby_window", w)] == 3
         assert first[("amiworker_spill_events", w)] == 30
         assert first[("amiworker_spill_bytes", w)] == 4096
         assert first[("amiworker_spill_oldest_age_seconds", w)] == 1.5
@@ -118,6 +120,8 @@ async def test_latency_histograms_keep_existing_callbacks() -> None:
     worker.claimer.on_batch(50, 0.004)
     worker.claimer.on_batch(10, 0.2)
     worker.scheduler.on_started(0.03)
+    worker.hedging.on_hedged(1.2)
+    worker.hedging.on_hedged(3.4)
     assert worker.previous == [(50, 0.004), (10, 0.2)]  # the callback already there still runs
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -130,6 +134,8 @@ async def test_latency_histograms_keep_existing_callbacks() -> None:
     assert samples[("amiworker_claim_batch_size_sum", (w,))] == 60
     assert samples[("amiworker_handler_latency_seconds_count", (w,))] == 1
     assert samples[("amiworker_handler_latency_seconds_bucket", (("le", "0.05"), w))] == 1
+    assert samples[("amiworker_hedge_lateness_seconds_count", (w,))] == 2
+    assert samples[("amiworker_hedge_lateness_seconds_bucket", (("le", "1.5"), w))] == 1
 
 
 async def test_http_edges() -> None:

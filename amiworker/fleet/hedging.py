@@ -99,6 +99,8 @@ class Hedging:
         self._beat = 0
         # Seconds from receipt to hedge, of the latest hedges.
         self._lateness: deque[float] = deque(maxlen=1000)
+        #: Called with each hedged event's seconds from receipt (fleet.metrics).
+        self.on_hedged: Callable[[float], None] | None = None
 
     # -- the reader's side: never waits ----------------------------------------------------
 
@@ -133,7 +135,11 @@ class Hedging:
     def _hedge(self, items: list[Pending]) -> None:
         self._stats.hedged += len(items)
         now = time.monotonic()
-        self._lateness.extend(now - item.received_mono for item in items)
+        lateness = [now - item.received_mono for item in items]
+        self._lateness.extend(lateness)
+        if self.on_hedged is not None:
+            for seconds in lateness:
+                self.on_hedged(seconds)
         self._claim(items)
 
     def info(self) -> dict[str, Any]:

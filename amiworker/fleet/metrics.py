@@ -48,6 +48,8 @@ Metric names (all with the ``worker`` label)::
     amiworker_claim_latency_seconds      histogram: one insert_many claim, per batch
     amiworker_claim_batch_size           histogram: events per claim batch
     amiworker_handler_latency_seconds    histogram: event received -> its handlers start
+    amiworker_hedge_lateness_seconds     histogram, hedged mode: event received -> claimed
+                                         as a standby (hedge_delay x rank, or more)
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 _BATCH_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# A hedge comes hedge_delay (1 s by default) times the standby's rank after receipt.
+_HEDGE_BUCKETS: Final = (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 _REQUEST_TIMEOUT: Final = 5.0
 _MAX_REQUEST: Final = 16384
 
@@ -186,8 +190,8 @@ class WorkerCollector(Collector):
 class WorkerMetrics:
     """A worker's registry: the collector, plus the latency histograms fed by its callbacks.
 
-    Installs ``claimer.on_batch`` and ``scheduler.on_started``, keeping any
-    callback already there (it is still called).
+    Installs ``claimer.on_batch``, ``scheduler.on_started`` and, in hedged mode,
+    ``hedging.on_hedged``, keeping any callback already there (it is still called).
     """
 
     def __init__(self, worker: ObservedWorker) -> None:
@@ -217,6 +221,16 @@ class WorkerMetrics:
         ).labels(wid)
         self._chain(worker.claimer, "on_batch", self._on_batch)
         self._chain(worker.scheduler, "on_started", self._on_started)
+        hedging = getattr(worker, "hedging", None)
+        if hedging is not None:
+            self.hedge_lateness = Histogram(
+                "amiworker_hedge_lateness_seconds",
+                "Hedged mode: seconds from receiving an event to claiming it as a standby.",
+                ["worker"],
+                registry=self.registry,
+                buckets=_HEDGE_BUCKETS,
+            ).labels(wid)
+            self._chain(hedging, "on_hedged", self.hedge_lateness.observe)
 
     @staticmethod
     def _chain(target: Any, attribute: str, callback: Callable[..., None]) -> None:
