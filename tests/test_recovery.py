@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,14 @@ def fleet(
     return recording_fleet(workdir, servers, uri, database, workers, app_dirs, {**QUICK, **env})
 
 
+@pytest.mark.parametrize("mode", ["race", "hedged"])
 async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_lease(
-    tmp_path: Path, mongo_server: EmbeddedMongo
+    mode: str, tmp_path: Path, mongo_server: EmbeddedMongo
 ) -> None:
     """Two hosts of 2 workers, restarted one after the other with SIGTERM during calls,
     with a Hangup handler that takes 9 s. The lease is 120 s: an event that waited
-    for one would miss the deadline by far."""
+    for one would miss the deadline by far. Hedged: a stopping worker declares its
+    coverage final, and the others hedge what it owned and had not claimed."""
     slow = f"""
         import asyncio
 
@@ -81,8 +84,12 @@ async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_leas
     """
     app_dirs = app(tmp_path, slow)
     simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
-    env = {"AMIWORKER_LEASE": "120", "AMIWORKER_SHUTDOWN_TIMEOUT": "15"}
-    uri, database = mongo_server.uri, "rolling"
+    env = {
+        "AMIWORKER_LEASE": "120",
+        "AMIWORKER_SHUTDOWN_TIMEOUT": "15",
+        "AMIWORKER_CLAIM_MODE": mode,
+    }
+    uri, database = mongo_server.uri, f"rolling_{mode}"
     hosts = [
         fleet(tmp_path / f"host{n}", [simulator], uri, database, 2, app_dirs, **env) for n in "ab"
     ]
@@ -125,9 +132,13 @@ async def test_rolling_deploy_loses_nothing_runs_nothing_twice_and_waits_no_leas
     logs = "".join(host.log_text() for host in hosts)
     assert "from a dead worker" not in logs  # nothing waited for a lease to be taken over
     released = sum(map(int, re.findall(r"released (\d+) unstarted event", logs)))
+    counters: Counter[str] = Counter()
+    for row in db.workers.find({}, {"counters": 1}):
+        counters.update(row.get("counters") or {})
     print(
-        f"\nrolling deploy: {len(sent)} channel events, {sum(runs.values())} runs, none twice; "
-        f"{released} unstarted event(s) released by stopping workers and run elsewhere"
+        f"\nrolling deploy, {mode}: {len(sent)} channel events, {sum(runs.values())} runs, "
+        f"none twice; {released} unstarted event(s) released by stopping workers and run "
+        f"elsewhere; hedged {counters['hedged']}"
     )
 
 
