@@ -124,6 +124,16 @@ def send(nodes: list[Node], calls: int, events_per_call: int = 4, prefix: str = 
     return at
 
 
+async def first_one_lags(calls: int) -> tuple[list[Node], float, set[str]]:
+    """A fleet of three sent ``calls`` calls, where every worker but the first claimed
+    what it owns: the fleet, when the events came, and the first worker's events."""
+    nodes = await fleet()
+    at = send(nodes, calls)
+    for node in nodes[1:]:
+        node.settle()
+    return nodes, at, {item.key for item in nodes[0].owned}
+
+
 async def test_what_its_owner_claimed_every_standby_forgets() -> None:
     nodes = await fleet()
     at = send(nodes, calls=60)
@@ -214,13 +224,8 @@ async def test_an_owner_that_passed_an_event_is_not_waited_for_on_it() -> None:
 async def test_an_owner_whose_session_dropped_is_not_waited_for() -> None:
     """It beats, but says its session to the PBX is down: what it had not covered it
     may never have received (the events lost in the cut)."""
-    nodes = await fleet()
-    cut = nodes[0]
-    at = send(nodes, calls=30)
-    orphans = {item.key for item in cut.owned}
-    for node in nodes[1:]:
-        node.settle()
-    cut.connected = False
+    nodes, at, orphans = await first_one_lags(calls=30)
+    nodes[0].connected = False
     await exchange(nodes, rounds=2)  # well within the grace of an owner at work
     hedged = set().union(*(node.due(at + DELAY + 0.01) for node in nodes[1:]))
     assert hedged == orphans
@@ -250,12 +255,7 @@ async def test_a_live_owner_still_claiming_is_not_second_guessed() -> None:
 
 async def test_a_live_owner_that_stopped_claiming_is_hedged_after_its_grace() -> None:
     """Its AMI session stalled, or its claims hang: it beats, its watermark does not move."""
-    nodes = await fleet()
-    stuck = nodes[0]
-    at = send(nodes, calls=30)
-    orphans = {item.key for item in stuck.owned}
-    for node in nodes[1:]:
-        node.settle()
+    nodes, at, orphans = await first_one_lags(calls=30)
     await exchange(nodes, rounds=4)
     assert [node.due(at + DELAY + 0.01) for node in nodes[1:]] == [[], []]
     await exchange(nodes, rounds=6)
@@ -264,13 +264,10 @@ async def test_a_live_owner_that_stopped_claiming_is_hedged_after_its_grace() ->
 
 
 async def test_nothing_is_hedged_while_the_store_is_away() -> None:
-    nodes = await fleet()
-    at = send(nodes, calls=10)
-    for node in nodes[1:]:
-        node.settle()
+    nodes, at, orphans = await first_one_lags(calls=10)
     await exchange(nodes[1:], rounds=12)
     assert nodes[1].due(at + 10 * DELAY, store_up=False) == []
-    assert set(nodes[1].due(at + 10 * DELAY)) == {item.key for item in nodes[0].owned}
+    assert set(nodes[1].due(at + 10 * DELAY)) == orphans
 
 
 async def test_a_full_window_claims_its_oldest_events_and_drops_none() -> None:

@@ -57,7 +57,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -197,40 +197,35 @@ class WorkerMetrics:
     def __init__(self, worker: ObservedWorker) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(WorkerCollector(worker))
-        wid = worker.worker_id
-        self.claim_latency = Histogram(
+        self._worker_id = worker.worker_id
+        self.claim_latency = self._histogram(
             "amiworker_claim_latency_seconds",
             "Seconds one claim (insert_many of a batch) took.",
-            ["worker"],
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        ).labels(wid)
-        self.batch_size = Histogram(
-            "amiworker_claim_batch_size",
-            "Events per claim batch.",
-            ["worker"],
-            registry=self.registry,
-            buckets=_BATCH_BUCKETS,
-        ).labels(wid)
-        self.handler_latency = Histogram(
+            _LATENCY_BUCKETS,
+        )
+        self.batch_size = self._histogram(
+            "amiworker_claim_batch_size", "Events per claim batch.", _BATCH_BUCKETS
+        )
+        self.handler_latency = self._histogram(
             "amiworker_handler_latency_seconds",
             "Seconds from receiving an event to starting its handlers.",
-            ["worker"],
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        ).labels(wid)
+            _LATENCY_BUCKETS,
+        )
         self._chain(worker.claimer, "on_batch", self._on_batch)
         self._chain(worker.scheduler, "on_started", self._on_started)
         hedging = getattr(worker, "hedging", None)
         if hedging is not None:
-            self.hedge_lateness = Histogram(
+            hedge_lateness = self._histogram(
                 "amiworker_hedge_lateness_seconds",
                 "Hedged mode: seconds from receiving an event to claiming it as a standby.",
-                ["worker"],
-                registry=self.registry,
-                buckets=_HEDGE_BUCKETS,
-            ).labels(wid)
-            self._chain(hedging, "on_hedged", self.hedge_lateness.observe)
+                _HEDGE_BUCKETS,
+            )
+            self._chain(hedging, "on_hedged", hedge_lateness.observe)
+
+    def _histogram(self, name: str, help_text: str, buckets: Sequence[float]) -> Histogram:
+        """One of this worker's histograms (the registry's series for its label)."""
+        family = Histogram(name, help_text, ["worker"], registry=self.registry, buckets=buckets)
+        return family.labels(self._worker_id)
 
     @staticmethod
     def _chain(target: Any, attribute: str, callback: Callable[..., None]) -> None:
