@@ -319,7 +319,31 @@ async def wait_all_done(
 ) -> None:
     """Until ``expected`` events are stored and handled (:func:`all_done`)."""
     what = what or f"all {expected} channel events stored and handled"
-    await wait_for(lambda: all_done(db, expected), timeout, what, interval=interval)
+    try:
+        await wait_for(lambda: all_done(db, expected), timeout, what, interval=interval)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {where_events_are(db, expected)}") from None
+
+
+def where_events_are(db: Any, expected: int) -> str:
+    """What a timed-out wait found: how many were stored, in which state, held by whom."""
+    states = {row["_id"]: row["n"] for row in db.events.aggregate(
+        [{"$group": {"_id": "$state", "n": {"$sum": 1}}}]
+    )}  # fmt: skip
+    held = [
+        (doc["_id"], doc.get("state"), doc.get("claimed_by"), doc.get("event"))
+        for doc in db.events.find(
+            {"state": {"$ne": "done"}}, {"state": 1, "claimed_by": 1, "event": 1}
+        ).limit(5)
+    ]
+    workers = [
+        (row["_id"], row.get("state"), row.get("last_seen"))
+        for row in db.workers.find({}, {"state": 1, "last_seen": 1})
+    ]
+    return (
+        f"{sum(states.values())} of {expected} stored, by state {states}; "
+        f"not done (first 5): {held}; workers: {workers}"
+    )
 
 
 async def kill_every(fleet: FleetProcess, seconds: float, interval: float, seed: int) -> list[int]:
