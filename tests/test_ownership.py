@@ -43,16 +43,17 @@ def test_each_event_has_one_owner_and_the_standbys_agree_on_it_and_their_order(
     view = View.of(workers)
     for key in keys:
         decisions = {w: o.decide("pbx1", key) for w, o in ownerships.items()}
-        owners = [w for w, (owned, _, _) in decisions.items() if owned]
+        owners = [w for w, (owned, *_) in decisions.items() if owned]
         assert owners == [view.owner(key)] == [owner_under(key, workers)], key
         ranking = view.ranking(key)
         assert ranking[0] == owners[0]
-        for worker, (owned, assignments, rank) in decisions.items():
+        for worker, (owned, assignments, rank, ahead) in decisions.items():
             assert owns_under(key, worker, [workers]) is owned
             if not owned:
                 assert [a.owner for a in assignments] == owners
                 assert assignments[0].workers == view.workers
                 assert rank == ranking.index(worker), "rank 1 hedges first"
+                assert set(ahead) == set(ranking[:rank]), "behind the owner and those before"
 
 
 @settings(max_examples=200, deadline=None)
@@ -84,12 +85,12 @@ def test_during_a_view_change_a_worker_owns_under_the_old_view_and_the_new(
         for worker, o in within.items():
             # A peer that has not seen the newcomer yet still claims by the old view:
             # the old owner keeps claiming, so the event is owned whichever view rules.
-            owned, assignments, _ = o.decide("pbx1", key)
+            owned, assignments, *_ = o.decide("pbx1", key)
             assert owned is (worker in (old.owner(key), new.owner(key)))
             if not owned:
                 assert {a.owner for a in assignments} == {old.owner(key), new.owner(key)}
         for worker, o in past.items():
-            owned, assignments, _ = o.decide("pbx1", key)
+            owned, assignments, *_ = o.decide("pbx1", key)
             assert owned is (worker == new.owner(key))
             if not owned:
                 assert [a.owner for a in assignments] == [new.owner(key)]
@@ -146,4 +147,4 @@ def test_a_view_change_replaces_the_decisions_made_under_the_old_view() -> None:
 
 
 def test_before_any_view_a_worker_claims_everything() -> None:
-    assert Ownership("w1", 5.0).decide("pbx1", 12345) == (True, [], 0)
+    assert Ownership("w1", 5.0).decide("pbx1", 12345) == (True, [], 0, ())

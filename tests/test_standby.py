@@ -56,10 +56,17 @@ class _CoverageClient:
 class Node:
     """One worker's hedging, fed events as its reader would, its claims recorded."""
 
-    def __init__(self, me: str, collection: CoverageCollection, window: int = 10_000) -> None:
+    def __init__(
+        self,
+        me: str,
+        collection: CoverageCollection,
+        window: int = 10_000,
+        transition: float = DELAY,  # seconds a worker still owns under its previous view
+    ) -> None:
         self.me = me
         self.stats = WorkerStats()
-        self.hedges: list[str] = []
+        self.hedged: list[Pending] = []  # hedges not claimed yet
+        self.claimed_hedges: list[str] = []
         self.owned: list[Pending] = []
         self.kept: list[str] = []
         self.connected = True  # its AMI session to the PBX
@@ -69,10 +76,10 @@ class Node:
             servers=[PBX],
             hedge_delay=DELAY,
             window=window,
-            transition=DELAY,
+            transition=transition,
             stats=self.stats,
             health=StoreHealth(),
-            claim=lambda items: self.hedges.extend(item.key for item in items),
+            claim=lambda items: self.hedged.extend(items),
             connected=lambda: {PBX: self.connected},
         )
         # Present from the start, as a running fleet's workers are to each other.
@@ -94,10 +101,21 @@ class Node:
         return [item.key for item in done]
 
     def due(self, now: float, store_up: bool = True) -> list[str]:
-        before = len(self.hedges)
-        hedged = self.hedging.standby.due(now, store_up=store_up)
-        self.hedges.extend(item.key for item in hedged)
-        return self.hedges[before:]
+        """What this worker hedges at ``now`` (its keys)."""
+        before = len(self.hedged)
+        self.hedging.hedge_due(now, store_up=store_up)
+        return [item.key for item in self.hedged[before:]]
+
+    @property
+    def hedges(self) -> list[str]:
+        """Every event this worker hedged, claimed or not."""
+        return self.claimed_hedges + [item.key for item in self.hedged]
+
+    def settle_hedges(self) -> None:
+        """The claim loop claimed this worker's hedges."""
+        self.hedging.settled(self.hedged)
+        self.claimed_hedges += [item.key for item in self.hedged]
+        self.hedged = []
 
 
 async def exchange(nodes: list[Node], rounds: int = 1) -> None:
@@ -174,6 +192,81 @@ async def test_a_dead_owners_events_are_hedged_at_the_deadline_first_ranked_firs
     # only a delay later, for what it had not seen covered (here: all of it).
     assert sum(len(keys) for keys in first.values()) == len(orphans)
     assert set().union(*second.values()) == orphans
+
+
+async def test_a_standby_ranked_behind_silent_workers_does_not_wait_on_their_behalf() -> None:
+    """Two of four killed; before the views drop them, the events they own arrive:
+    the first live standby of each hedges at once (each once), not one hedge_delay
+    per dead worker ranked before it."""
+    nodes = await fleet("abcd")
+    dead, alive = nodes[:2], nodes[2:]
+    await exchange(alive, rounds=5)  # their beats are stale; the views still hold them
+    for node in alive:
+        assert node.hedging.ownership.views(PBX)[0].workers == tuple(n.me for n in nodes)
+    at = send(nodes, calls=40)
+    orphans = {item.key for node in dead for item in node.owned}
+    assert orphans
+    for node in alive:
+        node.settle()
+    await exchange(alive)
+
+    at_once = [node.due(at + 0.01) for node in alive]
+    assert set().union(*at_once) == orphans
+    assert sum(len(keys) for keys in at_once) == len(orphans), "each by one standby"
+    # The other live standby comes a hedge_delay later, for what it saw no one cover.
+    later = [set(node.due(at + DELAY + 0.01)) for node in alive]
+    assert set().union(*later) == orphans
+
+
+async def test_a_hedge_one_standby_claimed_is_not_repeated_by_the_others() -> None:
+    """An owner dies: its first-ranked standby hedges each of its events, and the
+    others forget them once that claim is in the store: one extra insert per
+    orphan, not one per standby."""
+    nodes = await fleet("abcd")
+    dead, alive = nodes[0], nodes[1:]
+    at = send(nodes, calls=40)
+    orphans = {item.key for item in dead.owned}
+    assert orphans
+    for node in alive:
+        node.settle()
+    await exchange(alive, rounds=5)
+
+    first = [node.due(at + DELAY + 0.01) for node in alive]
+    assert sorted(key for keys in first for key in keys) == sorted(orphans)
+    # Not forgotten before the hedges are claimed: a hedger may die first.
+    await exchange(alive)
+    assert sum(node.hedging.standby.depth for node in alive) == 2 * len(orphans)
+    for node in alive:
+        node.settle_hedges()
+    await exchange(alive, rounds=2)  # each publishes its hedges, and reads the others'
+    assert [node.due(at + 10 * DELAY) for node in alive] == [[], [], []]
+    assert all(node.hedging.standby.depth == 0 for node in alive)
+
+
+async def test_a_worker_that_joined_as_another_died_hedges_only_what_no_one_claimed() -> None:
+    """The newcomer still counts the dead worker in its view when events arrive, and
+    expects it to claim its share; the others' views have given that share to live
+    owners, which claim it. Once the dead worker leaves the newcomer's view, their
+    coverage decides those events too: the newcomer hedges only what nobody claimed."""
+    collection = CoverageCollection()
+    # The view changes here are long past (no event arrives during one).
+    dead, *others = [Node(f"w-{name}", collection, transition=0.0) for name in "abc"]
+    await exchange([dead, *others])
+    await exchange(others, rounds=10)  # the others drop the dead worker
+    newcomer = Node("w-d", collection, transition=0.0)
+    alive = [*others, newcomer]
+    await exchange(alive)
+    assert newcomer.hedging.ownership.views(PBX)[0].workers == ("w-a", "w-b", "w-c", "w-d")
+    assert others[0].hedging.ownership.views(PBX)[0].workers == ("w-b", "w-c", "w-d")
+    at = send(alive, calls=40)
+    claimed = {key for node in alive for key in node.settle()}
+    assert len(claimed) < 160  # the dead worker's share under the newcomer's view
+    await exchange(alive, rounds=9)  # long enough for the newcomer to drop the dead one
+
+    assert newcomer.hedging.ownership.views(PBX)[0].workers == ("w-b", "w-c", "w-d")
+    hedged = set(newcomer.due(at + 10 * DELAY))
+    unclaimed = {f"event-{index}" for index in range(160)} - claimed
+    assert hedged == unclaimed & set(newcomer.kept), "only what no one claimed"
 
 
 async def test_a_silent_worker_leaves_the_views_and_its_calls_get_live_owners() -> None:

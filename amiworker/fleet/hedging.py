@@ -24,6 +24,13 @@ views come from those documents (a worker whose beat has not moved for a few
 exchanges is gone; one leaving or whose session is down owns nothing), so a change
 reaches every worker within an exchange or two, and the ``transition`` during
 which a worker owns under both views stays short.
+
+The same document lists the events this worker hedged and has claimed (in the
+store, won or lost) within the last few exchanges: the other standbys forget them
+instead of each hedging them in turn (an owner's death would otherwise cost an
+insert per standby). Only claimed ones: a standby that forgot an event this
+worker had merely decided to hedge would lose it if this worker died before the
+insert.
 """
 
 from __future__ import annotations
@@ -62,6 +69,12 @@ _MIN_INTERVAL: Final = 0.05
 # worker's calls get live owners within that, instead of being hedged until
 # its lease runs out.
 _VIEW_EXCHANGES: Final = 2 * _EXCHANGES_PER_DELAY
+# Hedges are published for this many exchanges (a reader that misses them hedges
+# the same events again: an extra insert each), and at most this many at a time
+# (a small document in the common case; a flood of hedges, e.g. a full window,
+# is cut short rather than making every exchange heavy).
+_HEDGES_PUBLISHED_FOR: Final = 2 * _EXCHANGES_PER_DELAY
+_HEDGES_PUBLISHED_MAX: Final = 2_000
 
 
 class Hedging:
@@ -97,6 +110,10 @@ class Hedging:
             on_covered=self._covered,
         )
         self._beat = 0
+        self._live: set[str] = set()  # the workers in the views
+        # Hedged, not claimed yet (keys); claimed, as (beat, key), for the others.
+        self._hedging: set[str] = set()
+        self._hedged: deque[tuple[int, str]] = deque()
         # Seconds from receipt to hedge, of the latest hedges.
         self._lateness: deque[float] = deque(maxlen=1000)
         #: Called with each hedged event's seconds from receipt (fleet.metrics).
@@ -109,13 +126,13 @@ class Hedging:
         it), False when it is kept as a standby."""
         pbx, key = item.server, item.key
         item.owner = owner_hash(item.message.raw, key)
-        owned, assignments, rank = self.ownership.decide(pbx, item.owner)
+        owned, assignments, rank, ahead = self.ownership.decide(pbx, item.owner)
         self.standby.seen(pbx, key)
         self.coverage.note(pbx, key, owned)
         if owned:
             self._stats.owned += 1
             return True
-        self.standby.keep(pbx, item, assignments, rank)
+        self.standby.keep(pbx, item, assignments, rank, ahead)
         return False
 
     def session(self, pbx: str) -> None:
@@ -126,14 +143,22 @@ class Hedging:
     def settled(self, items: list[Pending]) -> None:
         """Claimed (won, lost or refused), in arrival order."""
         settled = self.coverage.settled
+        hedging = self._hedging
         for item in items:
             settled(item.server, item.key)
+            if hedging and item.key in hedging:
+                hedging.discard(item.key)
+                self._hedged.append((self._beat, item.key))
 
-    def lost(self, item: Pending) -> None:
-        self.coverage.lost(item.server, item.key)
+    def lost(self, server: str, key: str) -> None:
+        """The event will never be claimed here (dropped)."""
+        self.coverage.lost(server, key)
+        self._hedging.discard(key)
 
     def _hedge(self, items: list[Pending]) -> None:
         self._stats.hedged += len(items)
+        if len(self._hedging) < 10 * _HEDGES_PUBLISHED_MAX:
+            self._hedging.update(item.key for item in items)
         now = time.monotonic()
         lateness = [now - item.received_mono for item in items]
         self._lateness.extend(lateness)
@@ -165,19 +190,29 @@ class Hedging:
                 self._health.answered()
             except StoreUnavailable as exc:
                 self._health.failed(exc)
-            hedges = self.standby.due(time.monotonic(), store_up=not self._health.down)
-            if hedges:
-                self._hedge(hedges)
+            self.hedge_due(time.monotonic(), store_up=not self._health.down)
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
+
+    def hedge_due(self, now: float, *, store_up: bool) -> None:
+        """Claim the standby events whose deadline has come (fleet.standby.due)."""
+        hedges = self.standby.due(now, store_up=store_up)
+        if hedges:
+            self._hedge(hedges)
 
     async def exchange(self) -> None:
         """Publish this worker's document, read everyone's: coverage, then views."""
         self._beat += 1
         connected = self._connected()
         records = self.coverage.records()
+        hedged = self._hedged
+        while hedged and (
+            hedged[0][0] < self._beat - _HEDGES_PUBLISHED_FOR or len(hedged) > _HEDGES_PUBLISHED_MAX
+        ):
+            hedged.popleft()
         await self._store.publish_coverage(
             {
                 "beat": self._beat,
+                "hedged": [key for _, key in hedged],
                 "state": "leaving" if self.coverage.leaving else "running",
                 "pbxs": {
                     pbx: {**records.get(pbx, {}), "connected": connected.get(pbx, False)}
@@ -192,6 +227,8 @@ class Hedging:
         for doc in docs:
             if doc["_id"] != self._me:
                 self.standby.apply(str(doc["_id"]), doc.get("pbxs") or {}, now)
+                if doc.get("hedged"):
+                    self.standby.claimed_elsewhere(doc["hedged"])
         self._update_views(docs, now)
 
     def _update_views(self, docs: list[dict[str, Any]], now: float) -> None:
@@ -209,3 +246,8 @@ class Hedging:
             ]
             if self.ownership.update(pbx, eligible, now):
                 log.info("%s: owned by %d worker(s) now", pbx, len(eligible), extra={"server": pbx})
+        gone, self._live = self._live - live, live
+        if gone:
+            self.standby.gone(
+                gone, {pbx: self.ownership.views(pbx, now)[0].workers for pbx in self._servers}
+            )

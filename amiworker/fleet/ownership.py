@@ -166,12 +166,15 @@ class Assignment(NamedTuple):
 
 class Decision(NamedTuple):
     """One worker's part in one event: owner, or standby for ``assignments`` (who
-    should claim it, under each view in force) at ``rank``. Shared by every event of
-    a call: never changed in place."""
+    should claim it, under each view in force) at ``rank``, behind the workers
+    ``ahead`` (the owner and the standbys ranked before it, in the current view:
+    fleet.standby moves up past those that have gone silent). Shared by every
+    event of a call: never changed in place."""
 
     owned: bool
     assignments: list[Assignment]
     rank: int
+    ahead: tuple[str, ...] = ()
 
 
 _OWNED: Final = Decision(True, [], 0)
@@ -258,6 +261,7 @@ class Ownership:
     def _decide(self, views: Sequence[View], current: View, event: int) -> Decision:
         assignments: list[Assignment] = []
         rank = 0
+        ahead: tuple[str, ...] = ()
         for view in views:
             if not view.workers:
                 continue
@@ -271,7 +275,9 @@ class Ownership:
             if view is current:
                 if mine is None:
                     rank = len(scores) + 1
+                    ahead = view.workers
                 else:
                     score = scores[mine]
-                    rank = sum([other > score for other in scores])
-        return Decision(False, assignments, max(rank, 1))
+                    ahead = tuple(w for w, s in zip(view.workers, scores, strict=True) if s > score)
+                    rank = len(ahead)
+        return Decision(False, assignments, max(rank, 1), ahead)

@@ -2,7 +2,9 @@
 
 For each raced event it does not own, a worker keeps the event (the message it
 already has: nothing is parsed or built) in a window, with who should claim it
-(fleet.ownership) and a deadline: ``hedge_delay`` times its standby rank. Each
+(fleet.ownership) and a deadline: ``hedge_delay`` times its standby rank, not
+counting the workers ranked before it whose beat has gone silent (a dead owner's
+first live standby hedges at once, without waiting for the views to drop it). Each
 owner's coverage record (fleet.coverage) is placed in this worker's own stream
 by key: every session receives the same events in the same order, so the
 owner's watermark sits at one position here too. An event the watermark
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -116,6 +118,9 @@ class Standby:
         self._by_rank: dict[int, deque[_Entry]] = {}
         # Owner -> (its last beat, the exchange of ours in which it last moved).
         self._beats: dict[str, tuple[Any, int]] = {}
+        # Those whose beat has not moved for _BEATING_EXCHANGES (as of the last
+        # exchange): not waited for, and not ranked before this worker.
+        self._silent: frozenset[str] = frozenset()
         #: Exchanges of coverage so far (fleet.hedging counts them).
         self.exchanges = 0
 
@@ -164,8 +169,20 @@ class Standby:
                 del stream.index[key]
             stream.index_start += 1
 
-    def keep(self, pbx: str, item: Pending, assignments: list[Assignment], rank: int) -> None:
-        """An event another worker should claim; ``rank``: this worker's standby rank."""
+    def keep(
+        self,
+        pbx: str,
+        item: Pending,
+        assignments: list[Assignment],
+        rank: int,
+        ahead: tuple[str, ...] = (),
+    ) -> None:
+        """An event another worker should claim; ``rank``: this worker's standby rank,
+        behind the workers ``ahead`` (the owner first to claim, then the standbys)."""
+        if self._silent:
+            # A killed worker stays in the views for a few exchanges: the standbys
+            # after it must not each wait a hedge_delay on its behalf.
+            rank -= sum([worker in self._silent for worker in ahead])
         stream = self._stream(pbx)
         entry = _Entry(
             item.key,
@@ -239,6 +256,11 @@ class Standby:
                 previous = (beat, self.exchanges)  # it moved in this exchange
             heard[owner] = previous
         self._beats = heard
+        self._silent = frozenset(
+            owner
+            for owner, (_, moved) in heard.items()
+            if self.exchanges - moved > _BEATING_EXCHANGES
+        )
 
     def silent_for(self, worker: str) -> float:
         """Exchanges of ours since ``worker``'s beat last moved (infinite: not heard)."""
@@ -264,6 +286,45 @@ class Standby:
                 state.mark = record.get("mark")
                 state.mark_moved = self.exchanges
             self._apply(pbx, stream, owner, state, now)
+
+    def gone(self, workers: set[str], views: Mapping[str, tuple[str, ...]]) -> None:
+        """``workers`` left the views (dead, or leaving); ``views``: each PBX's current
+        one. What this worker still expects them to cover, they never will: wait for
+        the owners under the current view instead (a worker that joined late, or saw
+        the death late, would otherwise hedge events that the others' views had
+        already given live owners; at its deadline, an insert each, all lost)."""
+        now = time.monotonic()
+        for pbx, stream in self._streams.items():
+            view = views.get(pbx)
+            heirs: set[str] = set()
+            for worker in workers & stream.owners.keys():
+                state = stream.owners.pop(worker)
+                for entry in [*state.queue, *state.late]:
+                    if not entry.live or worker in entry.passed:
+                        continue
+                    entry.undecided -= 1
+                    entry.passed += (worker,)
+                    owner = owner_under(entry.owner, view) if view else None
+                    if owner is not None and owner != self._me:
+                        self._expect(stream, entry, owner)
+                        heirs.add(owner)
+            for owner in heirs:
+                # Its record may not change again for a while: judge by it now.
+                heir = stream.owners.get(owner)
+                if heir is not None:
+                    self._apply(pbx, stream, owner, heir, now)
+
+    def claimed_elsewhere(self, keys: Iterable[Any]) -> None:
+        """Events another standby hedged, and claimed: in the store, whoever won."""
+        covered = 0
+        entries = self._entries
+        for key in keys:
+            entry = entries.get(key) if isinstance(key, str) else None
+            if entry is not None:
+                self._forget(entry)
+                covered += 1
+        if covered:
+            self._on_covered(covered)
 
     def _apply(self, pbx: str, stream: _Stream, owner: str, state: _Owner, now: float) -> None:
         record = state.record
@@ -385,7 +446,8 @@ class Standby:
                 # Its session to this PBX is down: what it had not covered, it may
                 # never have received.
                 and state.record.get("connected", True)
-                and self.silent_for(assignment.owner) <= _BEATING_EXCHANGES
+                and assignment.owner not in self._silent
+                and assignment.owner in self._beats
                 # Its watermark moved since this event arrived, or lately: an owner
                 # idle until this burst gets as long as any to claim its first batch.
                 and self.exchanges - max(state.mark_moved, entry.since) <= _AT_WORK_EXCHANGES

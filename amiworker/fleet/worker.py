@@ -257,7 +257,7 @@ class Worker:
 
     def _on_lost(self, server: str, key: str) -> None:
         if self.hedging is not None:
-            self.hedging.coverage.lost(server, key)
+            self.hedging.lost(server, key)
 
     def _check_timestamps(self, server: str, message: Message) -> None:
         if message.name == "FullyBooted":
