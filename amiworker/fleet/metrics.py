@@ -34,7 +34,7 @@ Metric names (all with the ``worker`` label)::
     amiworker_events_spilled_total       events written to the spill on local disk
     amiworker_events_owned_total         hedged mode: events this worker owned
     amiworker_events_hedged_total        hedged mode: events claimed as a standby
-    amiworker_events_covered_total       hedged mode: standby events its owner covered
+    amiworker_events_covered_total       hedged mode: standby events claimed elsewhere
     amiworker_standby_window             hedged mode: events in the standby window (gauge)
     amiworker_spill_events               events in the spill now (gauge)
     amiworker_spill_bytes                bytes of the spill's files (gauge)
@@ -95,7 +95,7 @@ COUNTERS: Final = (
     ("amiworker_events_spilled", "spilled", "Events written to the spill on local disk."),
     ("amiworker_events_owned", "owned", "Hedged mode: events this worker owned."),
     ("amiworker_events_hedged", "hedged", "Hedged mode: events claimed as a standby."),
-    ("amiworker_events_covered", "covered", "Hedged mode: standby events its owner covered."),
+    ("amiworker_events_covered", "covered", "Hedged mode: standby events claimed elsewhere."),
     ("amiworker_claim_batches", "claim_batches", "insert_many claims made."),
     ("amiworker_store_errors", "store_errors", "Claim attempts MongoDB failed (retried)."),
 )
