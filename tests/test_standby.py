@@ -269,6 +269,31 @@ async def test_a_worker_that_joined_as_another_died_hedges_only_what_no_one_clai
     assert hedged == unclaimed & set(newcomer.kept), "only what no one claimed"
 
 
+async def test_a_stopping_workers_final_record_read_ahead_of_its_events_still_counts() -> None:
+    """A stopping worker leaves the views as soon as its final record is read; a
+    standby that has not received the last events that record covers must still
+    forget them when they come, not hedge them."""
+    nodes = await fleet()
+    leaving, standby, other = nodes
+    send(nodes, calls=20, prefix="early-")
+    at = time.monotonic()
+    for index in range(80):  # the standby lags: these reach it later
+        for node in (leaving, other):
+            node.receive(f"late-{index}", f"late-call-{index % 20}", at)
+    claimed = set(leaving.settle())
+    leaving.hedging.coverage.leaving = True
+    await exchange([leaving, other])
+    await exchange([standby])
+    assert leaving.me not in standby.hedging.ownership.views(PBX)[0].workers
+    for index in range(80):
+        standby.receive(f"late-{index}", f"late-call-{index % 20}", at)
+    for node in (standby, other):
+        node.settle()
+    await exchange([other, standby], rounds=2)
+
+    assert not set(standby.due(at + 10 * DELAY)) & claimed, "hedged though covered"
+
+
 async def test_a_silent_worker_leaves_the_views_and_its_calls_get_live_owners() -> None:
     """Within a few exchanges, long before its lease: new events are claimed at once by
     a live worker, none waits for a hedge."""

@@ -298,6 +298,11 @@ class Standby:
             view = views.get(pbx)
             heirs: set[str] = set()
             for worker in workers & stream.owners.keys():
+                if stream.owners[worker].waiting_on is not None:
+                    # Its last record names an event not received here yet: it may
+                    # cover what this worker holds (a stopping worker's final
+                    # record, read ahead of its events). Judged when that comes.
+                    continue
                 state = stream.owners.pop(worker)
                 for entry in [*state.queue, *state.late]:
                     if not entry.live or worker in entry.passed:
