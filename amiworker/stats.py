@@ -14,6 +14,7 @@ class WorkerStats:
     races_lost: int = 0  # claims another worker had inserted (duplicate key)
     owned: int = 0  # hedged mode: events this worker owned (claimed at once)
     hedged: int = 0  # hedged mode: events claimed as a standby (owner silent, or window full)
+    hedges_won: int = 0  # hedged mode: of those, the ones this claim stored (no one had)
     covered: int = 0  # hedged mode: events forgotten as a standby, a claim of them seen
     local: int = 0  # events that do not race, handled here as in every worker
     handled: int = 0  # handler runs that finished

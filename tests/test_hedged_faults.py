@@ -73,9 +73,10 @@ def hedging_figures(db: Any) -> str:
             typical.append(float(info["hedge_late_p50"]))
     won, lost = counters["races_won"], counters["races_lost"]
     return (
-        f"owned {counters['owned']}, hedged {counters['hedged']} "
-        f"(median {min(typical, default=0.0):.1f}-{max(typical, default=0.0):.1f} s "
-        f"after receipt per worker, latest {max(late, default=0.0):.1f} s), covered "
+        f"owned {counters['owned']}, hedged {counters['hedged']}, of which "
+        f"{counters['hedges_won']} stored their event (median "
+        f"{min(typical, default=0.0):.1f}-{max(typical, default=0.0):.1f} s after receipt "
+        f"per worker, latest {max(late, default=0.0):.1f} s), covered "
         f"{counters['covered']}; {(won + lost) / max(won, 1):.2f} inserts per stored event"
     )
 

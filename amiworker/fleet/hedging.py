@@ -114,9 +114,9 @@ class Hedging:
         # Hedged, not claimed yet (keys); claimed, as (beat, key), for the others.
         self._hedging: set[str] = set()
         self._hedged: deque[tuple[int, str]] = deque()
-        # Seconds from receipt to hedge, of the latest hedges.
+        # Seconds from receipt to a hedge that stored its event, of the latest ones.
         self._lateness: deque[float] = deque(maxlen=1000)
-        #: Called with each hedged event's seconds from receipt (fleet.metrics).
+        #: Called with the seconds from receipt of each event a hedge stored (fleet.metrics).
         self.on_hedged: Callable[[float], None] | None = None
 
     # -- the reader's side: never waits ----------------------------------------------------
@@ -155,20 +155,30 @@ class Hedging:
         self.coverage.lost(server, key)
         self._hedging.discard(key)
 
+    def won(self, items: list[Pending]) -> None:
+        """Claims this worker inserted first: for those that were hedges, how late the
+        event got stored (a hedge that loses was not needed: the event was in already,
+        and measuring it would only say how long this standby waited)."""
+        if not self._hedging:
+            return
+        now = time.monotonic()
+        for item in items:
+            if item.key in self._hedging:
+                self._stats.hedges_won += 1
+                seconds = now - item.received_mono
+                self._lateness.append(seconds)
+                if self.on_hedged is not None:
+                    self.on_hedged(seconds)
+
     def _hedge(self, items: list[Pending]) -> None:
         self._stats.hedged += len(items)
         if len(self._hedging) < 10 * _HEDGES_PUBLISHED_MAX:
             self._hedging.update(item.key for item in items)
-        now = time.monotonic()
-        lateness = [now - item.received_mono for item in items]
-        self._lateness.extend(lateness)
-        if self.on_hedged is not None:
-            for seconds in lateness:
-                self.on_hedged(seconds)
         self._claim(items)
 
     def info(self) -> dict[str, Any]:
-        """For the heartbeat: the standby window, and how late recent hedges came."""
+        """For the heartbeat: the standby window, and how late recent hedges stored
+        their events."""
         late = sorted(self._lateness)
         return {
             "window": self.standby.depth,

@@ -34,6 +34,7 @@ Metric names (all with the ``worker`` label)::
     amiworker_events_spilled_total       events written to the spill on local disk
     amiworker_events_owned_total         hedged mode: events this worker owned
     amiworker_events_hedged_total        hedged mode: events claimed as a standby
+    amiworker_hedges_won_total           hedged mode: of those, the ones that stored the event
     amiworker_events_covered_total       hedged mode: standby events claimed elsewhere
     amiworker_standby_window             hedged mode: events in the standby window (gauge)
     amiworker_spill_events               events in the spill now (gauge)
@@ -48,7 +49,7 @@ Metric names (all with the ``worker`` label)::
     amiworker_claim_latency_seconds      histogram: one insert_many claim, per batch
     amiworker_claim_batch_size           histogram: events per claim batch
     amiworker_handler_latency_seconds    histogram: event received -> its handlers start
-    amiworker_hedge_lateness_seconds     histogram, hedged mode: event received -> claimed
+    amiworker_hedge_lateness_seconds     histogram, hedged mode: received -> stored by a hedge
                                          as a standby (hedge_delay x rank, or more)
 """
 
@@ -95,6 +96,7 @@ COUNTERS: Final = (
     ("amiworker_events_spilled", "spilled", "Events written to the spill on local disk."),
     ("amiworker_events_owned", "owned", "Hedged mode: events this worker owned."),
     ("amiworker_events_hedged", "hedged", "Hedged mode: events claimed as a standby."),
+    ("amiworker_hedges_won", "hedges_won", "Hedged mode: standby claims that stored the event."),
     ("amiworker_events_covered", "covered", "Hedged mode: standby events claimed elsewhere."),
     ("amiworker_claim_batches", "claim_batches", "insert_many claims made."),
     ("amiworker_store_errors", "store_errors", "Claim attempts MongoDB failed (retried)."),
@@ -217,7 +219,7 @@ class WorkerMetrics:
         if hedging is not None:
             hedge_lateness = self._histogram(
                 "amiworker_hedge_lateness_seconds",
-                "Hedged mode: seconds from receiving an event to claiming it as a standby.",
+                "Hedged mode: seconds from receiving an event to a standby's claim storing it.",
                 _HEDGE_BUCKETS,
             )
             self._chain(hedging, "on_hedged", hedge_lateness.observe)

@@ -294,6 +294,8 @@ class Worker:
         return event_document(item.key, item.server, item.message, self.worker_id, item.received_at)
 
     def _on_won(self, winners: list[Pending]) -> None:
+        if self.hedging is not None:
+            self.hedging.won(winners)
         for item in winners:
             job = Job(item.server, item.message, item.key, item.received_mono)
             self.scheduler.submit(job, reserved=True)
