@@ -294,6 +294,29 @@ async def test_a_stopping_workers_final_record_read_ahead_of_its_events_still_co
     assert not set(standby.due(at + 10 * DELAY)) & claimed, "hedged though covered"
 
 
+async def test_what_an_owner_claimed_after_its_pbx_session_ended_still_counts() -> None:
+    """The PBX drops every session (a restart): each worker opens a new one. The owner
+    claims the last events of its old session after that; its record of the old
+    session rides along, and no standby hedges them."""
+    nodes = await fleet()
+    owner = nodes[0]
+    at = send(nodes, calls=30, prefix="before-")
+    for node in nodes:
+        node.hedging.session(PBX)  # every session dropped and reopened
+    for node in nodes[1:]:
+        node.settle()
+    claimed = set(owner.settle())  # the old session's claims return after the drop
+    assert claimed
+    send(nodes, calls=30, prefix="after-")
+    for node in nodes:
+        node.settle()
+    await exchange(nodes, rounds=2)
+
+    hedged = set().union(*(node.due(at + 10 * DELAY) for node in nodes[1:]))
+    assert not hedged & claimed, "hedged, though claimed in the ended session"
+    assert all(node.hedging.standby.depth == 0 for node in nodes)
+
+
 async def test_a_silent_worker_leaves_the_views_and_its_calls_get_live_owners() -> None:
     """Within a few exchanges, long before its lease: new events are claimed at once by
     a live worker, none waits for a hedge."""
@@ -404,16 +427,21 @@ async def test_a_full_window_claims_its_oldest_events_and_drops_none() -> None:
     calls=st.integers(1, 25),
     settled=st.lists(st.floats(0, 1), min_size=4, max_size=4),
     dead=st.sets(st.integers(0, 3), max_size=2),
+    reconnected=st.sets(st.integers(0, 3), max_size=4),
 )
 async def test_no_event_is_forgotten_unless_its_owner_claimed_it(
-    names: str, calls: int, settled: list[float], dead: set[int]
+    names: str, calls: int, settled: list[float], dead: set[int], reconnected: set[int]
 ) -> None:
     """Whatever each owner claimed of its share (a prefix, as claims go in arrival
-    order), and whoever died: every event is claimed by its owner or hedged, and
-    a standby forgets only what the owner claimed."""
+    order), whoever died, and whoever's PBX session reopened before its claims
+    returned: every event is claimed by its owner or hedged, and a standby
+    forgets only what the owner claimed."""
     nodes = await fleet(names)
     at = send(nodes, calls)
     everything = {f"event-{index}" for index in range(calls * 4)}
+    for index, node in enumerate(nodes):
+        if index in reconnected:
+            node.hedging.session(PBX)
     claimed: set[str] = set()
     for index, node in enumerate(nodes):
         claimed |= set(node.settle(int(len(node.owned) * settled[index])))

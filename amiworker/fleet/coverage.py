@@ -26,6 +26,12 @@ event under them whatever its own view was.
 Only the last ``_SEGMENTS_KEPT`` segments are kept; ``first`` then becomes the
 end of the last one dropped, and ``cut`` says so: a standby cannot tell where
 events before it belong, and hedges them.
+
+When a session ends (the PBX dropped it, or an event of it was lost), the
+record of the one before rides along as ``prev`` until the next change: its
+claims still settle after the new session opens, and without it a standby
+could not tell that the last events of the old session were claimed (it would
+hedge them all, each insert lost; a PBX restart is the common case).
 """
 
 from __future__ import annotations
@@ -80,11 +86,17 @@ class Coverage:
     def __init__(self, ownership: Ownership) -> None:
         self._ownership = ownership
         self._sessions: dict[str, CoverageSession] = {}
+        # The session each PBX had before its open one: its last events may still be
+        # settling when the new one opens.
+        self._previous: dict[str, CoverageSession] = {}
         #: This worker is stopping: it claims nothing new.
         self.leaving = False
 
     def begin(self, pbx: str) -> CoverageSession:
         """A new AMI session with ``pbx`` (or a broken one): start covering afresh."""
+        ended = self._sessions.get(pbx)
+        if ended is not None and ended.first is not None:
+            self._previous[pbx] = ended
         session = CoverageSession(self._ownership.changes, self._ownership.view_lists(pbx))
         self._sessions[pbx] = session
         return session
@@ -123,6 +135,10 @@ class Coverage:
         the open session is always the oldest one waiting; anything else (a hedge,
         an event a predecessor spilled) is not in it and changes nothing.
         """
+        previous = self._previous.get(pbx)
+        if previous is not None and previous.pending and previous.pending[0][1] == key:
+            previous.pending.popleft()  # claims go in arrival order: the older session first
+            return
         session = self._sessions.get(pbx)
         if session is not None and session.pending and session.pending[0][1] == key:
             session.pending.popleft()
@@ -130,7 +146,8 @@ class Coverage:
     def lost(self, pbx: str, key: str) -> None:
         """The event ``key`` of ``pbx`` will never be claimed here (dropped). If it
         was owned in the open session, its watermark must never pass it: the session
-        ends frozen before it and new events start a new one (standbys hedge the gap)."""
+        ends frozen before it and new events start a new one (standbys hedge the gap).
+        One of the previous session stays at its head for good, freezing that too."""
         session = self._sessions.get(pbx)
         if session is not None and any(owned == key for _, owned in session.pending):
             self.begin(pbx)
@@ -141,8 +158,14 @@ class Coverage:
         records = {}
         for pbx, session in self._sessions.items():
             record = session.record()
-            if record is not None:
-                if self.leaving:
-                    record["final"] = True
-                records[pbx] = record
+            previous = self._previous.get(pbx)
+            if record is None:
+                if previous is None:
+                    continue
+                record = {}  # nothing received since the session reopened: the old one only
+            if self.leaving:
+                record["final"] = True
+            if previous is not None:
+                record["prev"] = previous.record()
+            records[pbx] = record
         return records

@@ -335,18 +335,34 @@ class Standby:
         record = state.record
         if record is None or not state.queue:
             return
+        previous = record.get("prev")
+        if isinstance(previous, Mapping):
+            # The owner's session before this one: its last events were claimed
+            # after it ended. Judged first: it covers only what precedes this one.
+            self._cover(stream, owner, state, previous, ended=True)
+            if not state.queue and not state.late:
+                return
+        self._cover(stream, owner, state, record, ended=False)
+
+    def _cover(
+        self, stream: _Stream, owner: str, state: _Owner, record: Mapping[str, Any], *, ended: bool
+    ) -> None:
+        """Decide the entries up to the mark of one of the owner's session records."""
         index = stream.index
         mark = record.get("mark")
         mark_position = index.get(mark) if isinstance(mark, str) else None
         if mark_position is None:
-            if isinstance(mark, str):
+            if isinstance(mark, str) and not ended:
                 # Not received here yet (this worker lags), or older than the index
-                # (the owner lags: it covers nothing here). Look again when it comes.
+                # (the owner lags: it covers nothing here). Look again when it comes
+                # (an ended session's mark is older than the open one's).
                 self._wait_on(stream, owner, state, mark)
             return
         first = record.get("first")
         first_position = index.get(first) if isinstance(first, str) else None
         if first_position is None:
+            if ended:
+                return  # where it began is unknown here: what it covers cannot be told
             # The session began before what the index holds (contiguous from
             # max(index_start, session_start) up to the mark): everything from
             # there to the mark is inside it.
