@@ -172,6 +172,8 @@ class Hedging:
 
     def _hedge(self, items: list[Pending]) -> None:
         self._stats.hedged += len(items)
+        # Bounded like what is published: past it (a full window hedging while the
+        # store is away), hedges go untracked, and the others may repeat them.
         if len(self._hedging) < 10 * _HEDGES_PUBLISHED_MAX:
             self._hedging.update(item.key for item in items)
         self._claim(items)

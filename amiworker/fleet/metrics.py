@@ -49,8 +49,8 @@ Metric names (all with the ``worker`` label)::
     amiworker_claim_latency_seconds      histogram: one insert_many claim, per batch
     amiworker_claim_batch_size           histogram: events per claim batch
     amiworker_handler_latency_seconds    histogram: event received -> its handlers start
-    amiworker_hedge_lateness_seconds     histogram, hedged mode: received -> stored by a hedge
-                                         as a standby (hedge_delay x rank, or more)
+    amiworker_hedge_lateness_seconds     histogram, hedged mode: received -> stored by a
+                                         standby's hedge (hedge_delay x rank, or more)
 """
 
 from __future__ import annotations
