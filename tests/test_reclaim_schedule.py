@@ -39,13 +39,19 @@ class RecordingStore:
     def __init__(self) -> None:
         self.rounds = 0  # heartbeats, each followed by a take-over round
         self.reclaims: list[tuple[float, bool]] = []  # (monotonic time, retries searched)
+        self.counters: dict[str, dict[str, int]] = {}  # the other rows of workers: counters
 
     async def heartbeat(self, info: Any = None) -> None:
         return None
 
     async def fleet(self) -> tuple[datetime, list[Any]]:
         self.rounds += 1
-        return datetime.now(UTC), []
+        now = datetime.now(UTC)
+        rows = [
+            {"_id": worker, "last_seen": now, "state": "stopped", "counters": dict(counters)}
+            for worker, counters in self.counters.items()
+        ]
+        return now, rows
 
     async def take_runnable(self, limit: int, *, retries: bool = True) -> Runnable:
         self.reclaims.append((time.monotonic(), retries))
@@ -57,14 +63,22 @@ class RecordingStore:
     def searches(self) -> list[float]:
         return [at for at, retries in self.reclaims if retries]
 
+    def looks(self) -> list[float]:
+        """Looks for queued events only (no due retry)."""
+        return [at for at, retries in self.reclaims if not retries]
 
-async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> None:
+
+def worker_on(store: RecordingStore) -> Worker:
     pbx = {"name": "pbx1", "host": "127.0.0.1", "username": "u", "secret": "s"}
     settings = Settings.load(
         None, env_file=None, servers=[pbx], heartbeat_interval=HEARTBEAT, lease=LEASE
     )
+    return Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+
+
+async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> None:
     store = RecordingStore()
-    worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+    worker = worker_on(store)
     tasks = [
         asyncio.create_task(worker.heartbeat.run()),
         asyncio.create_task(worker.takeover.run()),
@@ -93,6 +107,35 @@ async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> Non
         assert len(store.searches()) == 1
     finally:
         worker.outcomes.stop()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_worker_looks_for_queued_events_when_a_rows_count_grows() -> None:
+    """A rolling deploy: the second host's stopped workers released 38 unstarted
+    events, but had taken 40 that the first host released, whose rows are gone. A
+    sum of queued less taken says nothing waits (-2); the released events must not
+    wait a lease for a look."""
+    store = RecordingStore()
+    worker = worker_on(store)
+    tasks = [
+        asyncio.create_task(worker.heartbeat.run()),
+        asyncio.create_task(worker.takeover.run()),
+    ]
+    try:
+        await wait_for(lambda: store.rounds >= 3, timeout=5, what="3 take-over rounds")
+        assert store.looks() == []
+        store.counters["host2-w0"] = {"queued": 0, "released": 38, "dequeued": 40}
+        await wait_for(lambda: bool(store.looks()), timeout=5, what="a look for them")
+
+        # Looked once: the next rounds do not look again until a count grows.
+        rounds = store.rounds
+        await wait_for(lambda: store.rounds >= rounds + 5, timeout=5, what="5 more rounds")
+        assert len(store.looks()) == 1
+        store.counters["host2-w1"] = {"queued": 3}
+        await wait_for(lambda: len(store.looks()) == 2, timeout=5, what="a second look")
+    finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -52,21 +52,20 @@ class FleetView:
             if _last_seen(row) >= cutoff and row.get("state", RUNNING) != STOPPED
         ]
 
-    def queued_outstanding(self) -> int:
-        """Events stored ``queued`` by the workers in view, less those they took.
-
-        An estimate (rows of workers that are gone no longer count), good
-        enough to decide whether to look: a worker also looks once per lease.
-        """
-        total = 0
+    def queued_counts(self) -> dict[str, int]:
+        """Per worker in view: the events it has stored ``queued`` so far (won with no
+        room, or released on a stop). A count that grew since a worker last looked
+        means events may wait for it. Not a sum less what was taken: the rows of
+        workers that stopped are removed in time, and the events others took from
+        them would then cancel out events queued since (a rolling deploy hid its
+        second host's released events that way, for a lease)."""
+        counts = {}
         for row in self.rows:
             counters = row.get("counters") or {}
-            total += (
-                int(counters.get("queued", 0))
-                + int(counters.get("released", 0))
-                - int(counters.get("dequeued", 0))
+            counts[str(row.get("_id"))] = int(counters.get("queued", 0)) + int(
+                counters.get("released", 0)
             )
-        return total
+        return counts
 
 
 _NEVER = datetime.min.replace(tzinfo=UTC)

@@ -9,9 +9,9 @@ After each heartbeat (the fleet's view is fresh) a worker with room takes, in bu
    stopped: no lease to wait for) and ``failed`` ones whose retry is due.
 
 Looking for (2) is a query of the events collection, so a worker looks only
-when there is reason to: the fleet's rows count events queued and not yet
-taken, a failure recorded here has come due, the last look filled its batch,
-or once per lease (for what the counts cannot see: a worker that queued
+when there is reason to: a row of the fleet counts more events queued than
+when this worker last looked, a failure recorded here has come due, the last
+look filled its batch, or once per lease (for what the counts cannot see: a worker that queued
 events and whose row is gone, ``amiworker retry``).
 
 After a store outage every heartbeat in view is old; a worker judges others
@@ -69,6 +69,8 @@ class Takeover:
         self._stats = stats
         self._reserve = reserve
         self._look_again = False
+        # Each worker's count of events it stored queued, as of this worker's last look.
+        self._queued_seen: dict[str, int] = {}
         self._stopping = False
         # Spread over the second half of the first lease: workers started together
         # do not search together.
@@ -104,7 +106,14 @@ class Takeover:
             taken += await self._from_dead(view)
         now = time.monotonic()
         retries = now >= self._next_search or self._outcomes.retry_due(now)
-        if retries or self._look_again or view.queued_outstanding() > 0:
+        stored_queued = view.queued_counts()
+        seen = self._queued_seen
+        if (
+            retries
+            or self._look_again
+            or any(count > seen.get(worker, 0) for worker, count in stored_queued.items())
+        ):
+            self._queued_seen = stored_queued
             room = self._reserve(_ALL)
             try:
                 docs, queued = await self._store.take_runnable(room, retries=retries)
