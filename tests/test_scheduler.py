@@ -130,3 +130,38 @@ async def test_room_freed_wakes_when_a_handler_run_finishes() -> None:
         assert scheduler.reserve(1) == 1
     finally:
         await scheduler.cancel()
+
+
+async def test_stored_events_leave_a_tenth_of_the_backlog_to_events_every_worker_handles() -> None:
+    # Events with no Uniqueid are not stored: with no room they are dropped, where a
+    # stored event's claim waits or stores it queued. So claims never fill the last tenth.
+    release = asyncio.Event()
+
+    async def held(ctx: HandlerContext, message: Message) -> None:
+        await release.wait()
+
+    registry = HandlerRegistry(
+        ["test"], [("NewchannelHandler", held), ("DeviceStateChangeHandler", held)]
+    )
+    scheduler = HandlerScheduler(
+        registry,
+        lambda job: None,
+        concurrency=20,
+        timeout=30,
+        on_finished=lambda job, error: None,
+        backlog=20,
+    )
+    try:
+        granted = scheduler.reserve(20)
+        assert granted == 18  # a claim or a take-over gets nine tenths
+        for n in range(granted):
+            call = event("Newchannel", Uniqueid=f"{n}.1", Linkedid=f"{n}.1")
+            scheduler.submit(Job("pbx1", call, f"pbx1:{n}", 0.0), reserved=True)
+        assert scheduler.room == 0 and scheduler.reserve(1) == 0
+        assert scheduler.local_room == 2
+        for _ in range(2):
+            scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        assert scheduler.local_room == 0 and scheduler.depth == 20  # the bound still holds
+    finally:
+        release.set()
+        await scheduler.cancel()

@@ -34,6 +34,10 @@ from amiworker.fleet.dispatch import (
 __all__ = ["HandlerScheduler", "Job", "order_key"]
 
 log = logging.getLogger("amiworker.fleet.scheduler")
+# The share of the backlog that claims and take-overs leave to events every
+# worker handles (no Uniqueid, never stored): those cannot wait in MongoDB for
+# a worker with room, so a backlog that stored events filled would drop them.
+_LOCAL_SHARE = 10  # one tenth
 # Seconds a stop keeps cancelling handler runs that catch their cancellation.
 _GIVE_UP_AFTER = 5.0
 
@@ -88,6 +92,7 @@ class HandlerScheduler:
         self._on_finished = on_finished
         self._concurrency = concurrency
         self._backlog = backlog
+        self._local_headroom = backlog // _LOCAL_SHARE
         # Room promised to claims and take-overs under way (reserve/release).
         self._reserved = 0
         self._room_freed = asyncio.Event()
@@ -125,8 +130,15 @@ class HandlerScheduler:
 
         The bound is the caller's to respect: what it wins beyond it, it stores
         as queued for any worker with room (see fleet.locktable), rather than
-        holding events here that a crash would strand for a lease.
+        holding events here that a crash would strand for a lease. The last
+        tenth of the backlog is not counted: it is :attr:`local_room`'s.
         """
+        return max(0, self._backlog - self._local_headroom - self._queued - self._reserved)
+
+    @property
+    def local_room(self) -> int:
+        """How many more events handled by this worker alone (not stored) fit: the
+        whole backlog, including the tenth that :attr:`room` leaves them."""
         return max(0, self._backlog - self._queued - self._reserved)
 
     def reserve(self, wanted: int) -> int:

@@ -218,14 +218,15 @@ class Worker:
                 self.claimer.submit(item)
         elif self.scheduler.wants(message.name):
             self.stats.local += 1
-            if self.scheduler.room > 0:
+            if self.scheduler.local_room > 0:
                 self.scheduler.submit(Job(server, message, None, now))
             else:
                 self._drop_local(message)
 
     def _drop_local(self, message: Message) -> None:
-        """An event every worker handles (it is not stored), with the backlog full: it
-        cannot wait in MongoDB for another worker, and memory must stay bounded."""
+        """An event every worker handles (it is not stored), with the backlog full even
+        of the tenth that stored events leave to these: it cannot wait in MongoDB for
+        another worker, and memory must stay bounded."""
         self.stats.dropped += 1
         dropped = self._local_drops.count()
         if dropped:

@@ -208,7 +208,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="Events a worker holds for its handlers (queued or running). What it "
-        "wins beyond that is stored 'queued', for any worker with room to take.",
+        "wins beyond nine tenths of that is stored 'queued', for any worker with room to "
+        "take; the last tenth is kept for events every worker handles (never stored).",
     )
     handler_timeout: float = Field(
         default=30.0, gt=0, description="Seconds a handler may run before it counts as failed."
