@@ -28,6 +28,7 @@ from amiworker.fleet.documents import (
     FAILED,
     INDEXES,
     QUEUED,
+    RETIRED_INDEXES,
     STATES,
     TTL_KEY,
     event_document,
@@ -242,6 +243,17 @@ async def test_indexes_exist_and_ensure_is_idempotent(store: LockTable) -> None:
     expected = {tuple(keys) for _, keys in INDEXES} | {(("_id", 1),)}
     assert set(first) == expected
     assert all("expireAfterSeconds" not in spec for spec in first.values())
+
+
+async def test_an_index_earlier_versions_made_and_no_query_needs_is_dropped(
+    store: LockTable,
+) -> None:
+    # Every index is written on every claim and every ack: one left from an upgrade
+    # would cost each event for nothing.
+    for name, keys in RETIRED_INDEXES:
+        await store.events.create_index(keys, name=name)
+    await store.ensure_indexes()
+    assert set(await index_keys(store)) == {tuple(keys) for _, keys in INDEXES} | {(("_id", 1),)}
 
 
 async def test_ttl_index_created_changed_and_dropped(store: LockTable) -> None:

@@ -8,6 +8,7 @@ message built (``Message.header_dict``) and parses nothing but the Timestamp.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
@@ -24,6 +25,7 @@ __all__ = [
     "FAILED",
     "INDEXES",
     "QUEUED",
+    "RETIRED_INDEXES",
     "STATES",
     "TTL_KEY",
     "ensure_indexes",
@@ -48,10 +50,15 @@ INDEXES: Final[tuple[tuple[str, list[tuple[str, int]]], ...]] = (
     ("linkedid_1", [("linkedid", 1)]),
     ("server_1_ts_1", [("server", 1), ("ts", 1)]),
     ("event_1_ts_1", [("event", 1), ("ts", 1)]),
-    ("state_1_claimed_by_1", [("state", 1), ("claimed_by", 1)]),  # reclaim scan
-    # Runnable by any worker, oldest first: queued events and due retries.
+    # Runnable by any worker, oldest first (queued events and due retries); its
+    # prefix serves every other query on state: failed and dead events, and the
+    # take-over of a dead worker's claimed ones (a scan of what is in flight).
     ("state_1_retry_at_1", [("state", 1), ("retry_at", 1)]),
 )
+# Indexes of earlier versions that no query needs any more, dropped on start: every
+# index is written on every claim and every ack. (state, claimed_by) served the
+# take-over scan, which (state, retry_at) serves as well.
+RETIRED_INDEXES: Final = (("state_1_claimed_by_1", [("state", 1), ("claimed_by", 1)]),)
 TTL_INDEX: Final = "received_at_ttl"
 TTL_KEY: Final = [("received_at", 1)]
 # An index with the same keys exists under another name (made by hand): it serves.
@@ -131,6 +138,11 @@ async def ensure_indexes(events: Any, ttl_days: float | None = None) -> None:
         except OperationFailure as exc:
             if exc.code not in _SAME_KEYS_OTHER_NAME:
                 raise
+    retired = [keys for _, keys in RETIRED_INDEXES]
+    for name, spec in (await events.index_information()).items():
+        if [(key, int(direction)) for key, direction in spec.get("key", [])] in retired:
+            with contextlib.suppress(OperationFailure):  # another worker dropped it first
+                await events.drop_index(name)  # found by keys: a server may rename indexes
     wanted = None if ttl_days is None else max(1, int(ttl_days * 86400))
     existing = await _ttl_index(events)
     if existing is None:
