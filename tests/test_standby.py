@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from hypothesis import given, settings
@@ -36,6 +36,7 @@ class CoverageCollection:
 
     def __init__(self) -> None:
         self.docs: dict[str, dict[str, Any]] = {}
+        self.clock: datetime | None = None  # the store's clock; None: the real one
 
     def client(self, worker_id: str) -> _CoverageClient:
         return _CoverageClient(self, worker_id)
@@ -43,11 +44,14 @@ class CoverageCollection:
 
 class _CoverageClient:
     def __init__(self, collection: CoverageCollection, worker_id: str) -> None:
+        self._collection = collection
         self._docs = collection.docs
         self._me = worker_id
 
     async def publish_coverage(self, fields: Mapping[str, Any]) -> None:
-        self._docs.setdefault(self._me, {"_id": self._me}).update(copy.deepcopy(dict(fields)))
+        doc = self._docs.setdefault(self._me, {"_id": self._me})
+        doc.update(copy.deepcopy(dict(fields)))
+        doc["at"] = self._collection.clock or datetime.now(UTC)  # $currentDate
 
     async def coverage(self) -> list[dict[str, Any]]:
         return copy.deepcopy(list(self._docs.values()))
@@ -267,6 +271,30 @@ async def test_a_worker_that_joined_as_another_died_hedges_only_what_no_one_clai
     hedged = set(newcomer.due(at + 10 * DELAY))
     unclaimed = {f"event-{index}" for index in range(160)} - claimed
     assert hedged == unclaimed & set(newcomer.kept), "only what no one claimed"
+
+
+async def test_a_worker_that_starts_after_another_died_leaves_it_out_at_once() -> None:
+    """A newcomer has never seen the dead worker's beat move, and could not tell it
+    from a live one until it had watched it stay still (8 exchanges, 2 s), ranking
+    behind it meanwhile. The age of its document on the store's clock tells at once."""
+    collection = CoverageCollection()
+    collection.clock = datetime(2026, 12, 1, tzinfo=UTC)
+    dead, *others = [Node(f"w-{name}", collection, transition=0.0) for name in "abc"]
+    await exchange([dead, *others])
+    for _ in range(12):  # 3 s of exchanges, every hedge_delay / 4, without the dead one
+        collection.clock += timedelta(seconds=DELAY / 4)
+        await exchange(others)
+    newcomer = Node("w-d", collection, transition=0.0)
+    await exchange([newcomer])
+    assert newcomer.hedging.ownership.views(PBX)[0].workers == ("w-b", "w-c", "w-d")
+    # A document that is old only because the newcomer reads it late (here: no one
+    # published for 3 s) leaves its worker out until its next beat, no longer.
+    collection.clock += timedelta(seconds=3 * DELAY)
+    late = Node("w-e", collection, transition=0.0)
+    await exchange([late])
+    assert late.hedging.ownership.views(PBX)[0].workers == ("w-e",)
+    await exchange([*others, newcomer, late])
+    assert late.hedging.ownership.views(PBX)[0].workers == ("w-b", "w-c", "w-d", "w-e")
 
 
 async def test_a_stopping_workers_final_record_read_ahead_of_its_events_still_counts() -> None:

@@ -21,7 +21,9 @@ waits), and the exchange loop. Every ``hedge_delay / 4`` each worker writes
 one small document in the ``coverage`` collection (a beat counter, running or
 leaving, its sessions per PBX and their coverage) and reads everyone's: the
 views come from those documents (a worker whose beat has not moved for a few
-exchanges is gone; one leaving or whose session is down owns nothing), so a change
+exchanges is gone; one leaving or whose session is down owns nothing; a worker
+that has just started judges the others it has never heard by the age of their
+document on the store's clock), so a change
 reaches every worker within an exchange or two, and the ``transition`` during
 which a worker owns under both views stays short.
 
@@ -40,6 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from amiworker.fleet.coverage import Coverage
@@ -235,13 +238,27 @@ class Hedging:
         docs = await self._store.coverage()
         now = time.monotonic()
         self.standby.exchanges += 1
-        self.standby.heard({str(doc["_id"]): doc.get("beat") for doc in docs})
+        self.standby.heard({str(doc["_id"]): doc.get("beat") for doc in docs}, self._idle(docs))
         for doc in docs:
             if doc["_id"] != self._me:
                 self.standby.apply(str(doc["_id"]), doc.get("pbxs") or {}, now)
                 if doc.get("hedged"):
                     self.standby.claimed_elsewhere(doc["hedged"])
         self._update_views(docs, now)
+
+    def _idle(self, docs: list[dict[str, Any]]) -> dict[str, int]:
+        """Exchanges since each worker last published, by the store's clock (``at``,
+        set by the store on each publish): the age of its document beside ours,
+        which we have just published."""
+        stamps = {str(doc["_id"]): doc.get("at") for doc in docs}
+        mine = stamps.get(self._me)
+        if not isinstance(mine, datetime):
+            return {}
+        return {
+            worker: int((mine - at).total_seconds() / self._interval)
+            for worker, at in stamps.items()
+            if isinstance(at, datetime) and at < mine
+        }
 
     def _update_views(self, docs: list[dict[str, Any]], now: float) -> None:
         live = set()

@@ -403,10 +403,13 @@ class LockTable:
     # -- hedged mode's coverage ---------------------------------------------------------
 
     async def publish_coverage(self, fields: Mapping[str, Any]) -> None:
-        """This worker's coverage document (fleet.hedging, fleet.coverage)."""
+        """This worker's coverage document (fleet.hedging, fleet.coverage), stamped
+        ``at`` with the store's clock: one clock for every worker's age."""
         try:
             await self.coverage_docs.update_one(
-                {"_id": self.worker_id}, {"$set": dict(fields)}, upsert=True
+                {"_id": self.worker_id},
+                {"$set": dict(fields), "$currentDate": {"at": True}},
+                upsert=True,
             )
         except PyMongoError as exc:
             raise self._unavailable("publish coverage", exc) from None

@@ -247,12 +247,22 @@ class Standby:
 
     # -- coverage ----------------------------------------------------------------------------
 
-    def heard(self, beats: Mapping[str, Any]) -> None:
-        """Every worker's beat, as read in this exchange (those not listed are gone)."""
+    def heard(self, beats: Mapping[str, Any], idle: Mapping[str, int] | None = None) -> None:
+        """Every worker's beat, as read in this exchange (those not listed are gone).
+
+        ``idle``: for each worker, about how many exchanges ago it last published,
+        by the store's clock. It counts only for a worker heard for the first time:
+        a worker that has just started cannot otherwise tell a dead one from a live
+        one until it has watched its beat stay still, and would wait on the dead
+        one's behalf. After that, a beat that moves is the only proof of life (an
+        estimate too high is mended by the next beat).
+        """
         heard: dict[str, tuple[Any, int]] = {}
         for owner, beat in beats.items():
             previous = self._beats.get(owner)
-            if previous is None or previous[0] != beat:
+            if previous is None:
+                previous = (beat, self.exchanges - (idle or {}).get(owner, 0))
+            elif previous[0] != beat:
                 previous = (beat, self.exchanges)  # it moved in this exchange
             heard[owner] = previous
         self._beats = heard
