@@ -102,21 +102,26 @@ async def test_cancel_ends_a_handler_that_lost_its_first_cancellation() -> None:
     assert cancellations == 2
 
 
-async def test_room_freed_wakes_when_a_handler_run_finishes() -> None:
-    release = asyncio.Event()
+def held_until(release: asyncio.Event, backlog: int, *names: str) -> HandlerScheduler:
+    """A scheduler whose handlers for ``names`` run until ``release`` is set."""
 
     async def held(ctx: HandlerContext, message: Message) -> None:
         await release.wait()
 
-    registry = HandlerRegistry(["test"], [("NewchannelHandler", held)])
-    scheduler = HandlerScheduler(
+    registry = HandlerRegistry(["test"], [(f"{name}Handler", held) for name in names])
+    return HandlerScheduler(
         registry,
         lambda job: None,
-        concurrency=8,
+        concurrency=backlog,
         timeout=30,
         on_finished=lambda job, error: None,
-        backlog=1,
+        backlog=backlog,
     )
+
+
+async def test_room_freed_wakes_when_a_handler_run_finishes() -> None:
+    release = asyncio.Event()
+    scheduler = held_until(release, 1, "Newchannel")
     try:
         assert scheduler.reserve(1) == 1
         scheduler.submit(Job("pbx1", event("Newchannel", Uniqueid="A", Linkedid="A"), None, 0.0))
@@ -136,21 +141,7 @@ async def test_stored_events_leave_a_tenth_of_the_backlog_to_events_every_worker
     # Events with no Uniqueid are not stored: with no room they are dropped, where a
     # stored event's claim waits or stores it queued. So claims never fill the last tenth.
     release = asyncio.Event()
-
-    async def held(ctx: HandlerContext, message: Message) -> None:
-        await release.wait()
-
-    registry = HandlerRegistry(
-        ["test"], [("NewchannelHandler", held), ("DeviceStateChangeHandler", held)]
-    )
-    scheduler = HandlerScheduler(
-        registry,
-        lambda job: None,
-        concurrency=20,
-        timeout=30,
-        on_finished=lambda job, error: None,
-        backlog=20,
-    )
+    scheduler = held_until(release, 20, "Newchannel", "DeviceStateChange")
     try:
         granted = scheduler.reserve(20)
         assert granted == 18  # a claim or a take-over gets nine tenths
