@@ -140,7 +140,7 @@ async def ensure_indexes(events: Any, ttl_days: float | None = None) -> None:
                 raise
     retired = [keys for _, keys in RETIRED_INDEXES]
     for name, spec in (await events.index_information()).items():
-        if [(key, int(direction)) for key, direction in spec.get("key", [])] in retired:
+        if _plain_keys(spec.get("key", [])) in retired:
             with contextlib.suppress(OperationFailure):  # another worker dropped it first
                 await events.drop_index(name)  # found by keys: a server may rename indexes
     wanted = None if ttl_days is None else max(1, int(ttl_days * 86400))
@@ -164,6 +164,12 @@ async def ensure_indexes(events: Any, ttl_days: float | None = None) -> None:
         # it without applying it (nx-27017) gets the index rebuilt instead.
         await events.drop_index(name)
         await events.create_index(TTL_KEY, name=TTL_INDEX, expireAfterSeconds=wanted)
+
+
+def _plain_keys(keys: Any) -> list[tuple[str, Any]]:
+    """An index's keys with numeric directions as ints (a server may send 1.0); a
+    user's own text, hashed or geo index keeps its kind ("text", "2dsphere"...)."""
+    return [(key, int(kind) if isinstance(kind, int | float) else kind) for key, kind in keys]
 
 
 async def _ttl_index(events: Any) -> tuple[str, int | None] | None:
