@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,31 @@ BACKLOG = 200
 BACKLOG_RSS_BOUND_MIB = 120.0
 
 
+def backlogs_shown(status: str) -> list[int]:
+    """Each connected worker's BACKLOG column in ``amiworker status``."""
+    header, *rows = status.splitlines()
+    column = header.split().index("BACKLOG") + 1  # "PBXS" spans two cells: "pbx1 up"
+    return [int(row.split()[column]) for row in rows if " pbx1 up " in row]
+
+
+async def until_status_shows(
+    wanted: Callable[[list[int]], bool], uri: str, timeout: float = 30.0
+) -> None:
+    """Until ``amiworker status`` shows backlogs as ``wanted`` (its output if never)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "amiworker.cli", "status", "--mongo-uri", uri,
+             "--database", "backlog"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        if wanted(backlogs_shown(done.stdout)):
+            return
+        assert time.monotonic() < deadline, f"backlogs not as wanted:\n{done.stdout}"
+        await asyncio.sleep(0.5)  # the next status, a moment later
+
+
 async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
     tmp_path: Path, mongo_server: EmbeddedMongo
 ) -> None:
@@ -311,12 +337,14 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
             backlogs += [int(r.get("backlog") or 0) for r in db.workers.find({}, {"backlog": 1})]
             await asyncio.sleep(1)  # sampling memory and backlog while the load runs
         queued_at_end = db.events.count_documents({"state": "queued"})
-        status = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "amiworker.cli", "status", "--mongo-uri", mongo_server.uri,
-             "--database", "backlog"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        # status shows each worker's backlog near its bound (handlers are the
+        # bottleneck). Not at every instant: the events every worker handles (one
+        # queue per PBX, fast handlers) take freed room while stored events can
+        # wait in MongoDB, and run in a burst when a handler runner reaches them.
+        await until_status_shows(
+            lambda shown: len(shown) == 2 and all(BACKLOG // 2 < b <= BACKLOG for b in shown),
+            mongo_server.uri,
+        )
         scraped = await asyncio.to_thread(
             lambda: (
                 urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
@@ -340,11 +368,6 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
 
     assert max(backlogs) <= BACKLOG, max(backlogs)
     assert queued_at_end > 1000, "the rest waited in MongoDB, queued"
-    # status shows each worker's backlog: near its bound (handlers are the bottleneck).
-    header, *rows = status.stdout.splitlines()
-    column = header.split().index("BACKLOG") + 1  # "PBXS" spans two cells: "pbx1 up"
-    shown = [int(row.split()[column]) for row in rows if " pbx1 up " in row]
-    assert len(shown) == 2 and all(BACKLOG // 2 < b <= BACKLOG for b in shown), status.stdout
     depth = re.search(r'amiworker_queue_depth\{stage="handlers",worker="[^"]+"\} (\S+)', scraped)
     assert depth and float(depth.group(1)) <= BACKLOG, scraped[:2000]
     peaks = {pid: max(values) for pid, values in rss.items()}
