@@ -156,3 +156,35 @@ async def test_stored_events_leave_a_tenth_of_the_backlog_to_events_every_worker
     finally:
         release.set()
         await scheduler.cancel()
+
+
+async def test_events_every_worker_handles_run_before_calls_queued_earlier() -> None:
+    # They cannot wait in MongoDB as stored events can: behind a backlog of slow
+    # calls they would fill their share of the backlog and be dropped.
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def held(ctx: HandlerContext, message: Message) -> None:
+        ran.append(message.name)
+        if message.name == "Newchannel":
+            await release.wait()
+
+    registry = HandlerRegistry(
+        ["test"], [("NewchannelHandler", held), ("DeviceStateChangeHandler", held)]
+    )
+    scheduler = HandlerScheduler(
+        registry, lambda job: None, concurrency=1, timeout=30,
+        on_finished=lambda job, error: None, backlog=100,
+    )  # fmt: skip
+    try:
+        for n in range(5):  # the first runs (and holds the one runner), four wait
+            call = event("Newchannel", Uniqueid=f"{n}.1", Linkedid=f"{n}.1")
+            scheduler.submit(Job("pbx1", call, f"pbx1:{n}", 0.0))
+        await wait_for(lambda: ran == ["Newchannel"], 5, "the first call to start")
+        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        release.set()
+        await wait_for(lambda: len(ran) == 6, 5, "every event to run")
+        assert ran[:2] == ["Newchannel", "DeviceStateChange"]
+    finally:
+        release.set()
+        await scheduler.cancel()

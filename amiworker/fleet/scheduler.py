@@ -8,6 +8,11 @@ A pool of runner tasks (up to ``concurrency``, started as work needs them and
 then kept) takes calls with work queued, one call at a time each: no task is
 created per event or per call, which at tens of thousands of events per second
 would cost more than running a quick handler.
+
+Events every worker handles (not stored: ``Job.key`` is None) go to the front
+of the line: unlike a stored event, which can wait ``queued`` in MongoDB for a
+worker with room, they have nowhere else to wait, and behind a backlog of slow
+calls they would fill their share of the backlog and be dropped.
 """
 
 from __future__ import annotations
@@ -198,7 +203,10 @@ class HandlerScheduler:
             queue.append(job)  # its runner (or the next one free) gets to it in order
             return
         self._queues[key] = deque((job,))
-        self._ready.append(key)
+        if job.key is None:
+            self._ready.appendleft(key)  # the next runner free takes it (see above)
+        else:
+            self._ready.append(key)
         while self._parked:
             parked = self._parked.popleft()
             if not parked.done():
