@@ -14,7 +14,9 @@ with or without retries): what is under test is the worker's schedule, not Mongo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +26,7 @@ from amiworker.fleet.documents import FAILED
 from amiworker.fleet.locktable import Failure, Runnable
 from amiworker.fleet.scheduler import Job
 from amiworker.fleet.worker import Worker
+from amiworker.mongo import StoreUnavailable
 from amiworker.settings import Settings
 from tests.waiting import wait_for
 
@@ -40,6 +43,7 @@ class RecordingStore:
         self.rounds = 0  # heartbeats, each followed by a take-over round
         self.reclaims: list[tuple[float, bool]] = []  # (monotonic time, retries searched)
         self.counters: dict[str, dict[str, int]] = {}  # the other rows of workers: counters
+        self.failures = 0  # looks the store fails, from now on
 
     async def heartbeat(self, info: Any = None) -> None:
         return None
@@ -55,6 +59,9 @@ class RecordingStore:
 
     async def take_runnable(self, limit: int, *, retries: bool = True) -> Runnable:
         self.reclaims.append((time.monotonic(), retries))
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("take queued or due events: timed out (stand-in)")
         return Runnable([], 0)
 
     async def fail(self, key: str, error: str, *limits: float) -> Failure:
@@ -74,6 +81,21 @@ def worker_on(store: RecordingStore) -> Worker:
         None, env_file=None, servers=[pbx], heartbeat_interval=HEARTBEAT, lease=LEASE
     )
     return Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def rounds_of(worker: Worker) -> AsyncIterator[None]:
+    """The worker's heartbeat and take-over loops, running."""
+    tasks = [
+        asyncio.create_task(worker.heartbeat.run()),
+        asyncio.create_task(worker.takeover.run()),
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_a_worker_searches_for_retries_when_its_failure_comes_due() -> None:
@@ -118,12 +140,7 @@ async def test_a_worker_looks_for_queued_events_when_a_rows_count_grows() -> Non
     sum of queued less taken says nothing waits (-2); the released events must not
     wait a lease for a look."""
     store = RecordingStore()
-    worker = worker_on(store)
-    tasks = [
-        asyncio.create_task(worker.heartbeat.run()),
-        asyncio.create_task(worker.takeover.run()),
-    ]
-    try:
+    async with rounds_of(worker_on(store)):
         await wait_for(lambda: store.rounds >= 3, timeout=5, what="3 take-over rounds")
         assert store.looks() == []
         store.counters["host2-w0"] = {"queued": 0, "released": 38, "dequeued": 40}
@@ -135,7 +152,17 @@ async def test_a_worker_looks_for_queued_events_when_a_rows_count_grows() -> Non
         assert len(store.looks()) == 1
         store.counters["host2-w1"] = {"queued": 3}
         await wait_for(lambda: len(store.looks()) == 2, timeout=5, what="a second look")
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_look_the_store_failed_is_made_again_at_the_next_round() -> None:
+    """The look for released events timed out (the store under load): the growth it
+    was looking for must not count as seen, or the events wait for a lease."""
+    store = RecordingStore()
+    async with rounds_of(worker_on(store)):
+        await wait_for(lambda: store.rounds >= 3, timeout=5, what="3 take-over rounds")
+        store.failures = 1
+        store.counters["host2-w0"] = {"released": 32}
+        await wait_for(lambda: len(store.looks()) == 2, timeout=5, what="a second look")
+        rounds = store.rounds
+        await wait_for(lambda: store.rounds >= rounds + 5, timeout=5, what="5 more rounds")
+        assert len(store.looks()) == 2  # the one that answered counts as seen

@@ -113,12 +113,14 @@ class Takeover:
             or self._look_again
             or any(count > seen.get(worker, 0) for worker, count in stored_queued.items())
         ):
-            self._queued_seen = stored_queued
             room = self._reserve(_ALL)
             try:
                 docs, queued = await self._store.take_runnable(room, retries=retries)
             finally:
                 self._scheduler.release(room)  # _submit uses what it takes
+            # Seen only once looked: a look the store failed (a timeout under load) must
+            # be made again next round, not wait for the once-per-lease search.
+            self._queued_seen = stored_queued
             self._look_again = room > 0 and len(docs) >= room  # full: more may wait
             if retries:
                 self._outcomes.forget_due_retries(now)
