@@ -176,7 +176,7 @@ async def _ttl_index(events: Any) -> tuple[str, int | None] | None:
     """(name, expireAfterSeconds) of the index on ``received_at``, found by its keys."""
     info = await events.index_information()
     for name, spec in info.items():
-        if list(spec.get("key", [])) == TTL_KEY:
+        if _plain_keys(spec.get("key", [])) == TTL_KEY:
             expire = spec.get("expireAfterSeconds")
             return name, None if expire is None else int(expire)
     return None
