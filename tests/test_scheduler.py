@@ -188,3 +188,74 @@ async def test_events_every_worker_handles_run_before_calls_queued_earlier() -> 
     finally:
         release.set()
         await scheduler.cancel()
+
+
+def one_runner_logging(ran: list[str], holds: dict[str, asyncio.Event]) -> HandlerScheduler:
+    """One handler runner; each event logs ``Name:Uniqueid`` (or ``Name``) as it starts,
+    then waits for ``holds[name]`` if there is one."""
+
+    async def logged(ctx: HandlerContext, message: Message) -> None:
+        uniqueid = message.get("Uniqueid")
+        ran.append(f"{message.name}:{uniqueid}" if uniqueid else message.name)
+        hold = holds.get(message.name)
+        if hold is not None:
+            await hold.wait()
+
+    registry = HandlerRegistry(
+        ["test"], [("NewchannelHandler", logged), ("DeviceStateChangeHandler", logged)]
+    )
+    return HandlerScheduler(
+        registry, lambda job: None, concurrency=1, timeout=30,
+        on_finished=lambda job, error: None, backlog=100,
+    )  # fmt: skip
+
+
+async def test_events_every_worker_handles_run_between_the_events_of_a_call_under_way() -> None:
+    # A runner keeps a call until its queue is empty: behind one whose slow events
+    # keep coming, they would wait (and fill their tenth) as long as the call lasts.
+    release = asyncio.Event()
+    ran: list[str] = []
+    scheduler = one_runner_logging(ran, {"Newchannel": release})
+    try:
+        for n in range(3):  # one call: the first event runs and holds the runner
+            call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
+            scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+        await wait_for(lambda: ran == ["Newchannel:1.0"], 5, "the call to start")
+        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        release.set()
+        await wait_for(lambda: len(ran) == 4, 5, "every event to run")
+        # After the event under way, not after the whole call; the call still in order.
+        assert ran == ["Newchannel:1.0", "DeviceStateChange", "Newchannel:1.1", "Newchannel:1.2"]
+        assert await scheduler.join(5)
+    finally:
+        release.set()
+        await scheduler.cancel()
+
+
+async def test_a_stop_releases_the_rest_of_a_call_paused_for_events_every_worker_handles() -> None:
+    # While they run between a call's events, nothing of the rest of the call has
+    # started: a stopping worker releases all of it to the others, none runs here.
+    release_call, release_local = asyncio.Event(), asyncio.Event()
+    ran: list[str] = []
+    scheduler = one_runner_logging(
+        ran, {"Newchannel": release_call, "DeviceStateChange": release_local}
+    )
+    try:
+        for n in range(3):
+            call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
+            scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+        await wait_for(lambda: ran == ["Newchannel:1.0"], 5, "the call to start")
+        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        release_call.set()
+        await wait_for(lambda: ran[-1:] == ["DeviceStateChange"], 5, "the pause")
+        assert [job.message.name for job in scheduler.running()] == ["DeviceStateChange"]
+        released = scheduler.drain_unstarted()
+        assert [job.key for job in released] == ["pbx1:1.1", "pbx1:1.2"]
+        release_local.set()
+        assert await scheduler.join(5)
+        assert ran == ["Newchannel:1.0", "DeviceStateChange"]  # the released ones did not run
+        assert scheduler.depth == 0
+    finally:
+        release_call.set()
+        release_local.set()
+        await scheduler.cancel()

@@ -10,9 +10,11 @@ created per event or per call, which at tens of thousands of events per second
 would cost more than running a quick handler.
 
 Events every worker handles (not stored: ``Job.key`` is None) go to the front
-of the line: unlike a stored event, which can wait ``queued`` in MongoDB for a
-worker with room, they have nowhere else to wait, and behind a backlog of slow
-calls they would fill their share of the backlog and be dropped.
+of the line, and a runner holding a call runs them between that call's events:
+unlike a stored event, which can wait ``queued`` in MongoDB for a worker with
+room, they have nowhere else to wait, and behind a backlog of slow calls (a
+runner keeps a call until its queue is empty) they would fill their share of
+the backlog and be dropped.
 """
 
 from __future__ import annotations
@@ -103,8 +105,14 @@ class HandlerScheduler:
         self._room_freed = asyncio.Event()
         # Calls with work queued or running -> their events, oldest first.
         self._queues: dict[str, deque[Job]] = {}
-        # Calls with work queued that no runner has taken yet, in arrival order.
+        # Calls with work queued that no runner has taken yet, in arrival order
+        # but for calls of events every worker handles, which go first.
         self._ready: deque[str] = deque()
+        # Which of those are calls of events every worker handles.
+        self._local_ready: set[str] = set()
+        # Calls whose runner is running such events between two of their own:
+        # nothing of their queue has started.
+        self._paused: set[str] = set()
         self._runners: set[asyncio.Task[None]] = set()
         # Runners with nothing to do wait on these; submit() wakes one.
         self._parked: deque[asyncio.Future[None]] = deque()
@@ -169,7 +177,7 @@ class HandlerScheduler:
     def drain_unstarted(self) -> list[Job]:
         """Remove and return every queued event whose handlers have not started,
         oldest first per call (a stopping worker releases them to the others)."""
-        waiting = set(self._ready)
+        waiting = set(self._ready) | self._paused
         drained: list[Job] = []
         for key, queue in list(self._queues.items()):
             if key in waiting:  # no runner has this call: none of it started
@@ -181,6 +189,7 @@ class HandlerScheduler:
                 queue.clear()
                 queue.append(running)
         self._ready.clear()
+        self._local_ready.clear()
         self._queued -= len(drained)
         if not self._queues:
             self._idle.set()
@@ -188,7 +197,7 @@ class HandlerScheduler:
 
     def running(self) -> list[Job]:
         """The events whose handlers are running now."""
-        waiting = set(self._ready)
+        waiting = set(self._ready) | self._paused
         return [queue[0] for key, queue in self._queues.items() if key not in waiting and queue]
 
     def submit(self, job: Job, *, reserved: bool = False) -> None:
@@ -205,6 +214,7 @@ class HandlerScheduler:
         self._queues[key] = deque((job,))
         if job.key is None:
             self._ready.appendleft(key)  # the next runner free takes it (see above)
+            self._local_ready.add(key)
         else:
             self._ready.append(key)
         while self._parked:
@@ -220,7 +230,7 @@ class HandlerScheduler:
 
     async def _runner(self) -> None:
         loop = asyncio.get_running_loop()
-        ready, queues = self._ready, self._queues
+        ready = self._ready
         while True:
             if not ready:
                 parked = loop.create_future()
@@ -228,22 +238,41 @@ class HandlerScheduler:
                 await parked
                 continue
             key = ready.popleft()
-            queue = queues[key]
-            while queue:
-                job = queue[0]
+            between = key not in self._local_ready
+            self._local_ready.discard(key)
+            await self._run_call(key, between=between)
+
+    async def _run_call(self, key: str, *, between: bool) -> None:
+        """Run the call ``key``'s queue to its end; ``between``: run the calls of
+        events every worker handles that are waiting between its events."""
+        queues, ready = self._queues, self._ready
+        queue = queues[key]
+        while queue:
+            job = queue[0]
+            try:
+                await self._run(job)
+            except Exception:  # a bug here must not leave a call's events stranded
+                log.exception("internal error running the handlers of %s", job.key)
+            finally:
+                queue.popleft()
+                self._queued -= 1
+                if not self._room_freed.is_set():
+                    self._room_freed.set()
+            if between and queue and ready and ready[0] in self._local_ready:
+                self._paused.add(key)
                 try:
-                    await self._run(job)
-                except Exception:  # a bug here must not leave a call's events stranded
-                    log.exception("internal error running the handlers of %s", job.key)
+                    while ready and ready[0] in self._local_ready:
+                        local = ready.popleft()
+                        self._local_ready.discard(local)
+                        await self._run_call(local, between=False)
                 finally:
-                    queue.popleft()
-                    self._queued -= 1
-                    if not self._room_freed.is_set():
-                        self._room_freed.set()
-            # No await between the empty check and this: nothing can slip in between.
-            del queues[key]
-            if not queues:
-                self._idle.set()
+                    self._paused.discard(key)
+                if queues.get(key) is not queue:  # released meanwhile by a stop
+                    return
+        # No await between the empty check and this: nothing can slip in between.
+        del queues[key]
+        if not queues:
+            self._idle.set()
 
     async def _run(self, job: Job) -> None:
         if self.on_started is not None:
