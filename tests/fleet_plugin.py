@@ -15,8 +15,10 @@ import os
 import random
 import re
 import signal
+import socket
 import textwrap
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
@@ -378,3 +381,30 @@ def missing_only_in_gap(simulator: SimulatorProcess, db: Any) -> int | None:
         return None
     in_gap = [i for i, _ in channel if missing[0] <= i < logins[0]]
     return len(missing) if missing == in_gap else None
+
+
+def metrics_base(workers: int) -> int:
+    """A port p with p .. p+workers-1 free right now (worker N serves on base + N)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        try:
+            for port in range(base, base + workers):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {workers} consecutive free ports")
+
+
+def worker_counter(port: int, name: str) -> tuple[str, float]:
+    """(worker label, value of the counter ``name``) from a worker's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.labels["worker"], sample.value
+    raise AssertionError(f"no {name} on port {port}")

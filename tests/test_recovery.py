@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 from pymongo import MongoClient
 
-from amiworker.devstack.embedded_mongo import EmbeddedMongo, free_port
+from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
 from tests.fleet_plugin import (
     end_calls,
+    metrics_base,
     recording_app_dirs,
     recording_fleet,
     rss_mib,
@@ -36,6 +37,7 @@ from tests.fleet_plugin import (
     stored_ids,
     wait_all_done,
     wait_connected,
+    worker_counter,
 )
 from tests.waiting import wait_for
 
@@ -318,7 +320,7 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
     """
     app_dirs = app(tmp_path, slow)
     simulator = SimulatorProcess("pbx1", tmp_path, duration=0.5).start()
-    metrics_port = free_port()
+    metrics_port = metrics_base(2)
     host = fleet(
         tmp_path / "fleet", [simulator], mongo_server.uri, "backlog", 2, app_dirs,
         AMIWORKER_LEASE="5", AMIWORKER_HANDLER_BACKLOG=str(BACKLOG),
@@ -340,7 +342,8 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
         # status shows each worker's backlog near its bound (handlers are the
         # bottleneck). Not at every instant: the events every worker handles (one
         # queue per PBX, fast handlers) take freed room while stored events can
-        # wait in MongoDB, and run in a burst when a handler runner reaches them.
+        # wait in MongoDB, and run in a burst when a handler runner reaches them
+        # (after the slow event it is running).
         await until_status_shows(
             lambda shown: len(shown) == 2 and all(BACKLOG // 2 < b <= BACKLOG for b in shown),
             mongo_server.uri,
@@ -352,6 +355,12 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
                 .decode()
             )
         )
+        dropped = [  # worker N serves on metrics_port + N
+            await asyncio.to_thread(
+                worker_counter, metrics_port + n, "amiworker_events_dropped_total"
+            )
+            for n in range(2)
+        ]
         fast.write_text("")
         sent = await end_calls([simulator])
         await wait_all_done(
@@ -370,6 +379,9 @@ async def test_a_handler_ten_times_slower_than_the_events_keeps_memory_bounded(
     assert queued_at_end > 1000, "the rest waited in MongoDB, queued"
     depth = re.search(r'amiworker_queue_depth\{stage="handlers",worker="[^"]+"\} (\S+)', scraped)
     assert depth and float(depth.group(1)) <= BACKLOG, scraped[:2000]
+    # Events every worker handles (not stored, fast handlers) ran between the slow
+    # calls' events: none was dropped for want of room.
+    assert all(count == 0 for _, count in dropped), dropped
     peaks = {pid: max(values) for pid, values in rss.items()}
     assert max(peaks.values()) < BACKLOG_RSS_BOUND_MIB, peaks
     stored = [d["_id"] for d in db.events.find({}, {"_id": 1})]

@@ -11,21 +11,25 @@ refusal against the workers' log lines, heartbeat counters and metrics.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 
 from amiworker.devstack.embedded_mongo import EmbeddedMongo
 from amiworker.devstack.processes import FleetProcess, SimulatorProcess
-from tests.fleet_plugin import end_calls, read_invocations, set_rate, wait_connected
+from tests.fleet_plugin import (
+    end_calls,
+    metrics_base,
+    read_invocations,
+    set_rate,
+    wait_connected,
+    worker_counter,
+)
 from tests.mongo_proxy import MongoProxy, RefuseFirst, running_in_thread
 from tests.waiting import wait_for
 
@@ -41,35 +45,9 @@ QUICK = {
     # 50 ms puts it in a batch with others, the case to prove.
     "AMIWORKER_BATCH_DELAY": "0.05",
 }
+REJECTED_METRIC = "amiworker_events_rejected_total"
 STORED_AFTER = 300  # channel events stored after the refusal before the calls stop
 REASON = "write error 121: Document failed validation"
-
-
-def metrics_base(workers: int) -> int:
-    """A port p with p .. p+workers-1 free right now (worker N serves on base + N)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base: int = probe.getsockname()[1]
-        try:
-            for port in range(base, base + workers):
-                with socket.socket() as sock:
-                    sock.bind(("0.0.0.0", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no {workers} consecutive free ports")
-
-
-def scrape_rejected(port: int) -> tuple[str, float]:
-    """(worker label, amiworker_events_rejected_total) from a worker's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "amiworker_events_rejected_total":
-                return sample.labels["worker"], sample.value
-    raise AssertionError(f"no amiworker_events_rejected_total on port {port}")
 
 
 def rejected_per_worker(db: Any) -> dict[str, int]:
@@ -137,7 +115,10 @@ async def test_a_refused_event_is_logged_counted_and_the_claims_go_on(
                 rows = rejected_per_worker(db)
                 scraped = dict(
                     await asyncio.gather(
-                        *(asyncio.to_thread(scrape_rejected, base + n) for n in range(2))
+                        *(
+                            asyncio.to_thread(worker_counter, base + n, REJECTED_METRIC)
+                            for n in range(2)
+                        )
                     )
                 )
                 assert sorted(fleet.worker_pids()) == pids, "no worker died or was restarted"
