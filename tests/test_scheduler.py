@@ -259,3 +259,44 @@ async def test_a_stop_releases_the_rest_of_a_call_paused_for_events_every_worker
         release_call.set()
         release_local.set()
         await scheduler.cancel()
+
+
+async def test_a_call_paused_for_events_every_worker_handles_goes_on_while_they_keep_coming() -> (
+    None
+):
+    # Between two of a call's events a runner runs those waiting then, not those
+    # that come meanwhile: they may come as fast as they run.
+    release = asyncio.Event()
+    ran: list[str] = []
+    scheduler: HandlerScheduler
+
+    async def logged(ctx: HandlerContext, message: Message) -> None:
+        ran.append(message.name)
+        if message.name == "Newchannel" and len(ran) == 1:
+            await release.wait()
+        if message.name == "DeviceStateChange" and ran.count("Newchannel") < 2:
+            await asyncio.sleep(0)  # as a handler doing I/O lets the loop go on
+            # the next one comes while this one runs, until the call's second event ran
+            more = event("DeviceStateChange", Device="PJSIP/100")
+            scheduler.submit(Job("pbx1", more, None, 0.0))
+
+    registry = HandlerRegistry(
+        ["test"], [("NewchannelHandler", logged), ("DeviceStateChangeHandler", logged)]
+    )
+    scheduler = HandlerScheduler(
+        registry, lambda job: None, concurrency=1, timeout=30,
+        on_finished=lambda job, error: None, backlog=100,
+    )  # fmt: skip
+    try:
+        for n in range(2):
+            call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
+            scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+        await wait_for(lambda: ran == ["Newchannel"], 5, "the call to start")
+        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        release.set()
+        assert await scheduler.join(5), f"the call waits behind them: {ran[:8]}..."
+        assert ran[:3] == ["Newchannel", "DeviceStateChange", "Newchannel"]
+        assert ran[3:] == ["DeviceStateChange"]  # the one that came meanwhile, after
+    finally:
+        release.set()
+        await scheduler.cancel()

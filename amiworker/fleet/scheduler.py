@@ -10,11 +10,12 @@ created per event or per call, which at tens of thousands of events per second
 would cost more than running a quick handler.
 
 Events every worker handles (not stored: ``Job.key`` is None) go to the front
-of the line, and a runner holding a call runs them between that call's events:
-unlike a stored event, which can wait ``queued`` in MongoDB for a worker with
-room, they have nowhere else to wait, and behind a backlog of slow calls (a
-runner keeps a call until its queue is empty) they would fill their share of
-the backlog and be dropped.
+of the line, and a runner holding a call runs those waiting between two of the
+call's events (not those that come meanwhile, lest a stream of them stall the
+call). Unlike a stored event, which can wait ``queued`` in MongoDB for a worker
+with room, they have nowhere else to wait, and behind a backlog of slow calls
+(a runner keeps a call until its queue is empty) they would fill their share
+of the backlog and be dropped.
 """
 
 from __future__ import annotations
@@ -110,11 +111,12 @@ class HandlerScheduler:
         self._ready: deque[str] = deque()
         # Which of those are calls of events every worker handles.
         self._local_ready: set[str] = set()
-        # Calls whose runner is running such events between two of their own:
-        # nothing of their queue has started.
-        self._paused: set[str] = set()
+        # Calls a runner holds without running them: a call paused between two of
+        # its events while such events run, and those it took to run. Nothing of
+        # their queues has started.
+        self._held_unstarted: set[str] = set()
         self._runners: set[asyncio.Task[None]] = set()
-        # Runners with nothing to do wait on these; submit() wakes one.
+        # Runners with nothing to do wait on these; _wake() wakes one.
         self._parked: deque[asyncio.Future[None]] = deque()
         self._wanted: dict[str, bool] = {}
         self._idle = asyncio.Event()
@@ -177,7 +179,7 @@ class HandlerScheduler:
     def drain_unstarted(self) -> list[Job]:
         """Remove and return every queued event whose handlers have not started,
         oldest first per call (a stopping worker releases them to the others)."""
-        waiting = set(self._ready) | self._paused
+        waiting = set(self._ready) | self._held_unstarted
         drained: list[Job] = []
         for key, queue in list(self._queues.items()):
             if key in waiting:  # no runner has this call: none of it started
@@ -197,7 +199,7 @@ class HandlerScheduler:
 
     def running(self) -> list[Job]:
         """The events whose handlers are running now."""
-        waiting = set(self._ready) | self._paused
+        waiting = set(self._ready) | self._held_unstarted
         return [queue[0] for key, queue in self._queues.items() if key not in waiting and queue]
 
     def submit(self, job: Job, *, reserved: bool = False) -> None:
@@ -217,6 +219,11 @@ class HandlerScheduler:
             self._local_ready.add(key)
         else:
             self._ready.append(key)
+        self._wake()
+
+    def _wake(self) -> None:
+        """A call is ready: a parked runner, else a new one if under ``concurrency``,
+        takes it; else every runner is busy and the first one free takes it."""
         while self._parked:
             parked = self._parked.popleft()
             if not parked.done():
@@ -226,7 +233,6 @@ class HandlerScheduler:
             task = asyncio.create_task(self._runner(), name="handlers")
             self._runners.add(task)
             task.add_done_callback(self._runners.discard)
-        # else every runner is busy: the first one free takes this call.
 
     async def _runner(self) -> None:
         loop = asyncio.get_running_loop()
@@ -242,12 +248,20 @@ class HandlerScheduler:
             self._local_ready.discard(key)
             await self._run_call(key, between=between)
 
-    async def _run_call(self, key: str, *, between: bool) -> None:
-        """Run the call ``key``'s queue to its end; ``between``: run the calls of
-        events every worker handles that are waiting between its events."""
+    async def _run_call(self, key: str, *, between: bool, limit: int | None = None) -> None:
+        """Run the call ``key``'s queue to its end, or only its first ``limit`` events
+        (the rest back at the front of the line). ``between``: between two of its
+        events, run the calls of events every worker handles that are waiting."""
         queues, ready = self._queues, self._ready
         queue = queues[key]
         while queue:
+            if limit is not None:
+                if limit == 0:
+                    ready.appendleft(key)
+                    self._local_ready.add(key)
+                    self._wake()
+                    return
+                limit -= 1
             job = queue[0]
             try:
                 await self._run(job)
@@ -259,20 +273,34 @@ class HandlerScheduler:
                 if not self._room_freed.is_set():
                     self._room_freed.set()
             if between and queue and ready and ready[0] in self._local_ready:
-                self._paused.add(key)
-                try:
-                    while ready and ready[0] in self._local_ready:
-                        local = ready.popleft()
-                        self._local_ready.discard(local)
-                        await self._run_call(local, between=False)
-                finally:
-                    self._paused.discard(key)
+                await self._run_waiting_local(key)
                 if queues.get(key) is not queue:  # released meanwhile by a stop
                     return
         # No await between the empty check and this: nothing can slip in between.
         del queues[key]
         if not queues:
             self._idle.set()
+
+    async def _run_waiting_local(self, paused: str) -> None:
+        """Between two events of the call ``paused``, run the events every worker
+        handles that wait now; not those that come meanwhile: they may come as fast
+        as they run, and the call must go on."""
+        ready, queues, held = self._ready, self._queues, self._held_unstarted
+        taken: list[tuple[str, deque[Job]]] = []
+        while ready and ready[0] in self._local_ready:
+            local = ready.popleft()
+            self._local_ready.discard(local)
+            taken.append((local, queues[local]))
+        held.add(paused)
+        held.update(local for local, _ in taken)
+        try:
+            for local, queue in taken:
+                held.discard(local)
+                if queues.get(local) is queue:  # else released meanwhile by a stop
+                    await self._run_call(local, between=False, limit=len(queue))
+        finally:
+            held.discard(paused)
+            held.difference_update(local for local, _ in taken)
 
     async def _run(self, job: Job) -> None:
         if self.on_started is not None:
