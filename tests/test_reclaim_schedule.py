@@ -58,6 +58,8 @@ class RecordingStore:
         return now, rows
 
     async def take_runnable(self, limit: int, *, retries: bool = True) -> Runnable:
+        if limit <= 0:  # as LockTable's: no query
+            return Runnable([], 0)
         self.reclaims.append((time.monotonic(), retries))
         if self.failures:
             self.failures -= 1
@@ -166,3 +168,24 @@ async def test_a_look_the_store_failed_is_made_again_at_the_next_round() -> None
         rounds = store.rounds
         await wait_for(lambda: store.rounds >= rounds + 5, timeout=5, what="5 more rounds")
         assert len(store.looks()) == 2  # the one that answered counts as seen
+
+
+async def test_a_look_left_no_room_is_made_at_the_next_round_with_room() -> None:
+    """Claims in flight took the backlog's room between the round's start and its
+    look (or the dead workers' events filled it): nothing was looked for, so the
+    growth must not count as seen, or the released events wait for a lease."""
+    store = RecordingStore()
+    worker = worker_on(store)
+    reserve = worker.reserve
+    rooms: list[int] = []
+
+    def claims_took_the_first(wanted: int) -> int:
+        rooms.append(0 if not rooms else reserve(wanted))
+        return rooms[-1]
+
+    worker.takeover._reserve = claims_took_the_first  # what the claim loop did meanwhile
+    async with rounds_of(worker):
+        await wait_for(lambda: store.rounds >= 3, timeout=5, what="3 take-over rounds")
+        store.counters["host2-w0"] = {"released": 32}
+        await wait_for(lambda: bool(store.looks()), timeout=5, what="a look once room is back")
+        assert rooms[0] == 0 and rooms[1] > 0

@@ -108,12 +108,15 @@ class Takeover:
         retries = now >= self._next_search or self._outcomes.retry_due(now)
         stored_queued = view.queued_counts()
         seen = self._queued_seen
-        if (
+        wanted = (
             retries
             or self._look_again
             or any(count > seen.get(worker, 0) for worker, count in stored_queued.items())
-        ):
-            room = self._reserve(_ALL)
+        )
+        # No room (claims in flight took it since the round began, or the dead
+        # workers' events filled it): no look, so nothing counts as looked for.
+        room = self._reserve(_ALL) if wanted else 0
+        if room > 0:
             try:
                 docs, queued = await self._store.take_runnable(room, retries=retries)
             finally:
@@ -121,7 +124,7 @@ class Takeover:
             # Seen only once looked: a look the store failed (a timeout under load) must
             # be made again next round, not wait for the once-per-lease search.
             self._queued_seen = stored_queued
-            self._look_again = room > 0 and len(docs) >= room  # full: more may wait
+            self._look_again = len(docs) >= room  # full: more may wait
             if retries:
                 self._outcomes.forget_due_retries(now)
                 self._next_search = now + settings.lease
