@@ -50,6 +50,12 @@ class Throttle:
         reported, self._pending = self._pending, 0
         return reported
 
+    def flush(self) -> int:
+        """How many were counted since the last line (0 if none), now reported: for
+        the line that says the failure ended."""
+        reported, self._pending = self._pending, 0
+        return reported
+
 
 def set_worker_id(worker_id: str) -> None:
     global _worker_id

@@ -148,7 +148,7 @@ class ClaimQueue:
             return
         if self._spill is None or len(self._to_spill) >= self._high_water:
             # No spill, or the disk does not keep up with the reader.
-            self._drop_many(1)
+            self._drop_many(1, slow_disk=self._spill is not None)
             if self._on_lost is not None:
                 self._on_lost(item.server, item.key)
             return
@@ -169,20 +169,39 @@ class ClaimQueue:
     def _spilled(item: Pending) -> SpilledEvent:
         return SpilledEvent(item.key, item.server, item.received_at.timestamp(), item.message.raw)
 
-    def _drop_many(self, count: int) -> None:
+    def _drop_many(self, count: int, *, slow_disk: bool = False) -> None:
         self._stats.dropped += count
         dropped = self._drops.count(count)
         if dropped:
-            where = (
-                f"the spill is full (spill_max_bytes, {self.spill_bytes / _MIB:.0f} MiB)"
-                if self._spill is not None
-                else f"the buffer is full ({self._high_water} events) and there is no spill"
-            )
             log.error(
-                "MongoDB unreachable or too slow and %s: dropped %d event(s), %d in all; "
-                "raise spill_max_bytes or buffer_size, or fix MongoDB",
-                where,
+                "MongoDB unreachable or too slow and %s: dropped %d event(s), %d in all; %s",
+                self._why_dropped(slow_disk),
                 dropped,
+                self._stats.dropped,
+                "put spill_dir on a faster disk or raise buffer_size, or fix MongoDB"
+                if slow_disk
+                else "raise spill_max_bytes or buffer_size, or fix MongoDB",
+            )
+
+    def _why_dropped(self, slow_disk: bool) -> str:
+        if self._spill is None:
+            return f"the buffer is full ({self._high_water} events) and there is no spill"
+        if slow_disk:
+            # The spill has room: its disk took longer to write than buffer_size
+            # events took to arrive (they wait in memory meanwhile, up to that many).
+            return (
+                f"the spill's disk does not keep up ({len(self._to_spill)} events wait "
+                f"to be written to {self.spill_path})"
+            )
+        return f"the spill is full (spill_max_bytes, {self.spill_bytes / _MIB:.0f} MiB)"
+
+    def _drops_unreported(self) -> None:
+        """Drops counted since the last line (one line per 10 s): said when spilling ends."""
+        unreported = self._drops.flush()
+        if unreported:
+            log.error(
+                "%d more event(s) dropped while spilling, %d in all (see above)",
+                unreported,
                 self._stats.dropped,
             )
 
@@ -255,6 +274,7 @@ class ClaimQueue:
                     "spill drained after %.1f s: events wait in memory again",
                     time.monotonic() - self._spilling_since,
                 )
+                self._drops_unreported()
             self._ready.clear()
             await self._ready.wait()
 
