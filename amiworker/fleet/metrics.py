@@ -25,7 +25,8 @@ Metric names (all with the ``worker`` label)::
     amiworker_events_local_total         events that do not race, handled here too
     amiworker_events_handled_total       handler runs that finished
     amiworker_events_failed_total        handler runs that raised or timed out
-    amiworker_events_dropped_total       events lost: spill full, or no backlog room (not stored)
+    amiworker_events_dropped_total       events lost: buffer and spill full (or slow), or no
+                                         handler backlog room for an event not stored
     amiworker_events_reclaimed_total     events taken over from dead workers, or retried
     amiworker_events_queued_total        events won with no backlog room: stored queued
     amiworker_events_dequeued_total      queued events this worker took to run
@@ -87,7 +88,12 @@ COUNTERS: Final = (
     ("amiworker_events_local", "local", "Events that do not race, handled by every worker."),
     ("amiworker_events_handled", "handled", "Handler runs that finished."),
     ("amiworker_events_failed", "failed", "Handler runs that raised or timed out."),
-    ("amiworker_events_dropped", "dropped", "Events lost: spill full, or no room (not stored)."),
+    (
+        "amiworker_events_dropped",
+        "dropped",
+        "Events lost: no room in memory or the spill (full, or its disk slow), or in the "
+        "handler backlog for events every worker handles (not stored).",
+    ),
     ("amiworker_events_reclaimed", "reclaimed", "Events taken over from dead workers or retried."),
     ("amiworker_events_queued", "queued", "Events won with no backlog room: stored queued."),
     ("amiworker_events_dequeued", "dequeued", "Queued events this worker took to run."),
