@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from amiworker.ami.message import Message
 from amiworker.fleet.dispatch import HandlerContext, HandlerRegistry
 from amiworker.fleet.scheduler import HandlerScheduler, Job, order_key
 from tests.waiting import wait_for
 
+Handler = Callable[[HandlerContext, Message], Awaitable[None]]
 SLOW = 1.0  # long beside what running the other call takes, even on a loaded machine
 
 
 def event(name: str, **headers: str) -> Message:
     lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
     return Message(f"Event: {name}\r\n{lines}\r\n".encode())
+
+
+def submit_call(scheduler: HandlerScheduler, events: int) -> None:
+    """``events`` Newchannels of one call (Linkedid 1.0), Uniqueids 1.0, 1.1..."""
+    for n in range(events):
+        call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
+        scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+
+
+def submit_local(scheduler: HandlerScheduler) -> None:
+    """An event every worker handles (no Uniqueid: not stored)."""
+    scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
 
 
 def test_events_without_linkedid_join_their_call() -> None:
@@ -151,11 +165,22 @@ async def test_stored_events_leave_a_tenth_of_the_backlog_to_events_every_worker
         assert scheduler.room == 0 and scheduler.reserve(1) == 0
         assert scheduler.local_room == 2
         for _ in range(2):
-            scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+            submit_local(scheduler)
         assert scheduler.local_room == 0 and scheduler.depth == 20  # the bound still holds
     finally:
         release.set()
         await scheduler.cancel()
+
+
+def one_runner(handler: Handler) -> HandlerScheduler:
+    """One handler runner; ``handler`` runs for Newchannel and DeviceStateChange."""
+    registry = HandlerRegistry(
+        ["test"], [("NewchannelHandler", handler), ("DeviceStateChangeHandler", handler)]
+    )
+    return HandlerScheduler(
+        registry, lambda job: None, concurrency=1, timeout=30,
+        on_finished=lambda job, error: None, backlog=100,
+    )  # fmt: skip
 
 
 async def test_events_every_worker_handles_run_before_calls_queued_earlier() -> None:
@@ -169,19 +194,13 @@ async def test_events_every_worker_handles_run_before_calls_queued_earlier() -> 
         if message.name == "Newchannel":
             await release.wait()
 
-    registry = HandlerRegistry(
-        ["test"], [("NewchannelHandler", held), ("DeviceStateChangeHandler", held)]
-    )
-    scheduler = HandlerScheduler(
-        registry, lambda job: None, concurrency=1, timeout=30,
-        on_finished=lambda job, error: None, backlog=100,
-    )  # fmt: skip
+    scheduler = one_runner(held)
     try:
         for n in range(5):  # the first runs (and holds the one runner), four wait
             call = event("Newchannel", Uniqueid=f"{n}.1", Linkedid=f"{n}.1")
             scheduler.submit(Job("pbx1", call, f"pbx1:{n}", 0.0))
         await wait_for(lambda: ran == ["Newchannel"], 5, "the first call to start")
-        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        submit_local(scheduler)
         release.set()
         await wait_for(lambda: len(ran) == 6, 5, "every event to run")
         assert ran[:2] == ["Newchannel", "DeviceStateChange"]
@@ -201,13 +220,7 @@ def one_runner_logging(ran: list[str], holds: dict[str, asyncio.Event]) -> Handl
         if hold is not None:
             await hold.wait()
 
-    registry = HandlerRegistry(
-        ["test"], [("NewchannelHandler", logged), ("DeviceStateChangeHandler", logged)]
-    )
-    return HandlerScheduler(
-        registry, lambda job: None, concurrency=1, timeout=30,
-        on_finished=lambda job, error: None, backlog=100,
-    )  # fmt: skip
+    return one_runner(logged)
 
 
 async def test_events_every_worker_handles_run_between_the_events_of_a_call_under_way() -> None:
@@ -217,11 +230,9 @@ async def test_events_every_worker_handles_run_between_the_events_of_a_call_unde
     ran: list[str] = []
     scheduler = one_runner_logging(ran, {"Newchannel": release})
     try:
-        for n in range(3):  # one call: the first event runs and holds the runner
-            call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
-            scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+        submit_call(scheduler, 3)  # the first event runs and holds the runner
         await wait_for(lambda: ran == ["Newchannel:1.0"], 5, "the call to start")
-        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        submit_local(scheduler)
         release.set()
         await wait_for(lambda: len(ran) == 4, 5, "every event to run")
         # After the event under way, not after the whole call; the call still in order.
@@ -241,11 +252,9 @@ async def test_a_stop_releases_the_rest_of_a_call_paused_for_events_every_worker
         ran, {"Newchannel": release_call, "DeviceStateChange": release_local}
     )
     try:
-        for n in range(3):
-            call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
-            scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+        submit_call(scheduler, 3)
         await wait_for(lambda: ran == ["Newchannel:1.0"], 5, "the call to start")
-        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        submit_local(scheduler)
         release_call.set()
         await wait_for(lambda: ran[-1:] == ["DeviceStateChange"], 5, "the pause")
         assert [job.message.name for job in scheduler.running()] == ["DeviceStateChange"]
@@ -280,19 +289,11 @@ async def test_a_call_paused_for_events_every_worker_handles_goes_on_while_they_
             more = event("DeviceStateChange", Device="PJSIP/100")
             scheduler.submit(Job("pbx1", more, None, 0.0))
 
-    registry = HandlerRegistry(
-        ["test"], [("NewchannelHandler", logged), ("DeviceStateChangeHandler", logged)]
-    )
-    scheduler = HandlerScheduler(
-        registry, lambda job: None, concurrency=1, timeout=30,
-        on_finished=lambda job, error: None, backlog=100,
-    )  # fmt: skip
+    scheduler = one_runner(logged)
     try:
-        for n in range(2):
-            call = event("Newchannel", Uniqueid=f"1.{n}", Linkedid="1.0")
-            scheduler.submit(Job("pbx1", call, f"pbx1:1.{n}", 0.0))
+        submit_call(scheduler, 2)
         await wait_for(lambda: ran == ["Newchannel"], 5, "the call to start")
-        scheduler.submit(Job("pbx1", event("DeviceStateChange", Device="PJSIP/100"), None, 0.0))
+        submit_local(scheduler)
         release.set()
         assert await scheduler.join(5), f"the call waits behind them: {ran[:8]}..."
         assert ran[:3] == ["Newchannel", "DeviceStateChange", "Newchannel"]
