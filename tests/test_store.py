@@ -596,6 +596,21 @@ async def test_reclaim_leaves_due_retries_when_told_to(store: LockTable) -> None
     assert [d["_id"] for d in await reclaim(store, lease=10)] == ["k0000"]
 
 
+async def test_queued_events_are_runnable_at_once_whatever_clock_stamped_them(
+    store: LockTable,
+) -> None:
+    # A worker won them with no backlog room and stored them queued, retry_at by its
+    # own clock: an hour ahead of MongoDB's here. Any worker with room runs them now.
+    ahead = datetime.now(UTC) + timedelta(hours=1)
+    docs = docs_for(2, "worker-a")
+    for doc in docs:
+        doc.update(state=QUEUED, claimed_by=None, retry_at=ahead)
+    await store.claim(docs)
+    taken = await store.take_runnable(10, retries=False)
+    assert sorted(d["_id"] for d in taken.docs) == ["k0000", "k0001"] and taken.queued == 2
+    assert all(d["state"] == CLAIMED and d["claimed_by"] == store.worker_id for d in taken.docs)
+
+
 async def test_fail_truncates_long_errors(store: LockTable) -> None:
     await store.claim(docs_for(1, "worker-a"))
     await store.fail("k0000", "x" * 100_000, max_attempts=1, retry_backoff=1)

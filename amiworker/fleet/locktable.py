@@ -473,17 +473,20 @@ class LockTable:
     async def take_runnable(self, limit: int, *, retries: bool = True) -> Runnable:
         """Take up to ``limit`` events any worker may run, those runnable longest
         first: ``queued`` ones and (with ``retries``) ``failed`` ones whose
-        ``retry_at`` has passed. Same three round trips as :meth:`take_from_dead`."""
+        ``retry_at`` has passed. Same three round trips as :meth:`take_from_dead`
+        (and the server's clock, with ``retries``)."""
         if limit <= 0:
             return Runnable([], 0)
         try:
-            now = await server_time(self.database)
-            due = {"$lte": now}
             # One $or branch per state, each served whole by the (state, retry_at)
             # index; and $in beside a date range is one of nx-27017's blind spots.
-            branches = [{"state": QUEUED, "retry_at": due}]
+            # A queued event is runnable at once, whatever its retry_at: that is
+            # the clock of the worker that stored it (an insert cannot stamp the
+            # server's), and a host whose clock runs ahead must not hold it back.
+            branches: list[dict[str, Any]] = [{"state": QUEUED}]
             if retries:
-                branches.append({"state": FAILED, "retry_at": due})
+                now = await server_time(self.database)
+                branches.append({"state": FAILED, "retry_at": {"$lte": now}})
             runnable: dict[str, Any] = {"$or": branches}
             candidates = {
                 doc["_id"]: doc.get("state")
