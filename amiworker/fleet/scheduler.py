@@ -109,8 +109,6 @@ class HandlerScheduler:
         # Calls with work queued that no runner has taken yet, in arrival order
         # but for calls of events every worker handles, which go first.
         self._ready: deque[str] = deque()
-        # Which of those are calls of events every worker handles.
-        self._local_ready: set[str] = set()
         # Calls a runner holds without running them: a call paused between two of
         # its events while such events run, and those it took to run. Nothing of
         # their queues has started.
@@ -191,7 +189,6 @@ class HandlerScheduler:
                 queue.clear()
                 queue.append(running)
         self._ready.clear()
-        self._local_ready.clear()
         self._queued -= len(drained)
         if not self._queues:
             self._idle.set()
@@ -216,7 +213,6 @@ class HandlerScheduler:
         self._queues[key] = deque((job,))
         if job.key is None:
             self._ready.appendleft(key)  # the next runner free takes it (see above)
-            self._local_ready.add(key)
         else:
             self._ready.append(key)
         self._wake()
@@ -234,9 +230,15 @@ class HandlerScheduler:
             self._runners.add(task)
             task.add_done_callback(self._runners.discard)
 
+    def _local_first(self) -> bool:
+        """Whether the call at the front of the line is of events every worker handles
+        (its first event is not stored)."""
+        ready = self._ready
+        return bool(ready) and self._queues[ready[0]][0].key is None
+
     async def _runner(self) -> None:
         loop = asyncio.get_running_loop()
-        ready = self._ready
+        ready, queues = self._ready, self._queues
         while True:
             if not ready:
                 parked = loop.create_future()
@@ -244,9 +246,7 @@ class HandlerScheduler:
                 await parked
                 continue
             key = ready.popleft()
-            between = key not in self._local_ready
-            self._local_ready.discard(key)
-            await self._run_call(key, between=between)
+            await self._run_call(key, between=queues[key][0].key is not None)
 
     async def _run_call(self, key: str, *, between: bool, limit: int | None = None) -> None:
         """Run the call ``key``'s queue to its end, or only its first ``limit`` events
@@ -258,7 +258,6 @@ class HandlerScheduler:
             if limit is not None:
                 if limit == 0:
                     ready.appendleft(key)
-                    self._local_ready.add(key)
                     self._wake()
                     return
                 limit -= 1
@@ -272,7 +271,7 @@ class HandlerScheduler:
                 self._queued -= 1
                 if not self._room_freed.is_set():
                     self._room_freed.set()
-            if between and queue and ready and ready[0] in self._local_ready:
+            if between and queue and self._local_first():
                 await self._run_waiting_local(key)
                 if queues.get(key) is not queue:  # released meanwhile by a stop
                     return
@@ -287,9 +286,8 @@ class HandlerScheduler:
         as they run, and the call must go on."""
         ready, queues, held = self._ready, self._queues, self._held_unstarted
         taken: list[tuple[str, deque[Job]]] = []
-        while ready and ready[0] in self._local_ready:
+        while self._local_first():
             local = ready.popleft()
-            self._local_ready.discard(local)
             taken.append((local, queues[local]))
         held.add(paused)
         held.update(local for local, _ in taken)
