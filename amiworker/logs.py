@@ -50,6 +50,14 @@ class Throttle:
         reported, self._pending = self._pending, 0
         return reported
 
+    def overdue(self) -> int:
+        """How many were counted since the last line, if one is due now (else 0): for
+        the line that says the failure stopped, when it stopped between two lines;
+        such lines come no more often than the others."""
+        if not self._pending or self._clock() - self._last < self._interval:
+            return 0
+        return self.count(0)
+
     def flush(self) -> int:
         """How many were counted since the last line (0 if none), now reported: for
         the line that says the failure ended."""

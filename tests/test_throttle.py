@@ -32,3 +32,21 @@ def test_the_first_occurrence_is_reported_whatever_the_clock() -> None:
     clock = Clock()
     clock.now = 0.5  # a monotonic clock that started a moment ago (a fresh boot)
     assert Throttle(interval=10.0, clock=clock.monotonic).count(4) == 4
+
+
+def test_what_was_counted_after_the_last_line_is_due_an_interval_after_it() -> None:
+    """For the line that says a failure stopped between two lines: it comes no more
+    often than they do, and only if there is something to say."""
+    clock = Clock()
+    throttle = Throttle(interval=10.0, clock=clock.monotonic)
+    assert throttle.overdue() == 0  # nothing counted
+    assert throttle.count() == 1
+    assert throttle.count(2) == 0
+    clock.now += 9.0
+    assert throttle.overdue() == 0  # within the interval
+    clock.now += 1.0
+    assert throttle.overdue() == 2
+    assert throttle.overdue() == 0
+    clock.now += 60.0
+    assert throttle.overdue() == 0  # nothing since
+    assert throttle.count() == 1  # a new failure is said at once, as the first was

@@ -195,6 +195,7 @@ class Worker:
         self.timestamps: dict[str, bool] = {}
         self._stop = asyncio.Event()
         self._local_drops = Throttle()
+        self._local_dropped = 0
 
     # -- the hot path: called by the AMI reader, must never wait -------------------------
 
@@ -220,6 +221,9 @@ class Worker:
             self.stats.local += 1
             if self.scheduler.local_room > 0:
                 self.scheduler.submit(Job(server, message, None, now))
+                unsaid = self._local_drops.overdue()
+                if unsaid:
+                    self._local_drops_said(unsaid)
             else:
                 self._drop_local(message)
 
@@ -228,16 +232,28 @@ class Worker:
         of the tenth that stored events leave to these: it cannot wait in MongoDB for
         another worker, and memory must stay bounded."""
         self.stats.dropped += 1
+        self._local_dropped += 1
         dropped = self._local_drops.count()
         if dropped:
             log.error(
-                "handler backlog full (handler_backlog %d): %d %s event(s) not handled by this "
-                "worker (events with no Uniqueid, handled by every worker, are not stored); "
-                "the handlers are too slow: raise handler_concurrency or make them faster",
+                "handler backlog full (handler_backlog %d): %d event(s) not handled by this "
+                "worker, the last a %s (events with no Uniqueid, handled by every worker, are "
+                "not stored); the handlers are too slow: raise handler_concurrency or make "
+                "them faster",
                 self.settings.handler_backlog,
                 dropped,
                 message.name,
             )
+
+    def _local_drops_said(self, unsaid: int) -> None:
+        """The drops counted after the last line (one per 10 s), said once the backlog
+        has room again, so that none goes unsaid in the log."""
+        log.error(
+            "handler backlog has room again: %d event(s) with no Uniqueid were dropped "
+            "since the last line, %d in all (see above)",
+            unsaid,
+            self._local_dropped,
+        )
 
     def _on_session(self, server: str) -> None:
         self._unchecked.add(server)
