@@ -351,3 +351,37 @@ def test_bad_uri_error_masks_password() -> None:
     message = load_error(mongo_uri=f"postgres://app:{PASSWORD}@db1/")
     assert PASSWORD not in message
     assert "postgres://app:***@db1/" in message
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        # pymongo names no option from a URI: the settings do (names are no secret)
+        ("mongodb://db1/?replicaSet=rs&bogusOpt=1", "unknown option bogusOpt. Did you mean"),
+        ("mongodb://db1/?j=true", "unknown option j. Did you mean one of (journal)"),
+        ("mongodb://db1/?tls=maybe", "tls must be 'true' or 'false'"),
+    ],
+)
+def test_a_uri_the_driver_refuses_is_a_settings_error_with_its_reason(
+    uri: str, reason: str
+) -> None:
+    message = load_error(mongo_uri=uri)
+    assert message.startswith("invalid setting mongo_uri: is not a valid MongoDB URI (")
+    assert reason in message
+
+
+def test_a_uri_error_whose_reason_would_quote_the_password_leaves_it_out() -> None:
+    # pymongo's reason here: "The value of maxpoolsize must be an integer"
+    message = load_error(mongo_uri="mongodb://app:integer@db1/?maxPoolSize=many")
+    assert "integer" not in message
+    assert "(the reason would quote the password)" in message
+    assert "mongodb://app:***@db1/?maxPoolSize=many" in message
+
+
+def test_a_secret_with_a_line_break_is_refused_without_being_echoed() -> None:
+    """It would end the login's header; refused once at start-up (exit 2), not by a
+    worker retrying the login forever."""
+    server = {"name": "pbx1", "host": "h", "username": "u", "secret": "Top\r\nAction: Logoff"}
+    message = load_error(servers=[server])
+    assert message.startswith("invalid setting servers.0.secret: must not contain a line break")
+    assert "Logoff" not in message and "Top" not in message

@@ -48,7 +48,7 @@ from amiworker.settings.errors import (
     format_source_error,
     format_validation_error,
 )
-from amiworker.settings.redact import MASK, redact_uri
+from amiworker.settings.redact import MASK, redact_uri, uri_secrets
 
 __all__ = ["ServerSettings", "Settings", "default_spill_dir"]
 
@@ -103,6 +103,16 @@ class ServerSettings(BaseModel):
             raise ValueError("must not contain a line break")
         return value
 
+    @field_validator("secret")
+    @classmethod
+    def _secret_single_line(cls, value: SecretStr) -> SecretStr:
+        # Sent in a header too (plain login): refused here, once, rather than by
+        # every login attempt of a worker that would retry it forever.
+        text = value.get_secret_value()
+        if "\r" in text or "\n" in text:
+            raise ValueError("must not contain a line break (AMI would read the rest as headers)")
+        return value
+
     @field_validator("tls_ca_file")
     @classmethod
     def _ca_needs_tls(cls, value: Path | None, info: ValidationInfo) -> Path | None:
@@ -114,6 +124,18 @@ class ServerSettings(BaseModel):
 # The TOML file of the current Settings.load() call. pydantic-settings builds its
 # sources in a classmethod, so the path reaches it through a context variable.
 _toml_file: ContextVar[Path | None] = ContextVar("amiworker_toml_file", default=None)
+
+
+def _unknown_uri_options(uri: str) -> list[str]:
+    """The option names of ``uri`` this pymongo does not know (as written)."""
+    try:
+        from pymongo.common import URI_OPTIONS_ALIAS_MAP, URI_OPTIONS_VALIDATOR_MAP
+    except ImportError:  # moved in some pymongo: the option goes unnamed
+        return []
+    query = uri.partition("?")[2].partition("#")[0]
+    names = [pair.partition("=")[0] for pair in re.split("[&;]", query) if pair]
+    known = URI_OPTIONS_VALIDATOR_MAP.keys() | URI_OPTIONS_ALIAS_MAP.keys()
+    return [name for name in names if name.lower() not in known]
 
 
 class Settings(BaseSettings):
@@ -353,17 +375,25 @@ class Settings(BaseSettings):
         if not uri.startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError("must start with mongodb:// or mongodb+srv://")
         if uri.startswith("mongodb://"):
-            # Parsed now, so a malformed URI is a settings error (exit 2) rather than a
-            # driver error later. pymongo's message is not repeated: it can quote
-            # pieces of an unescaped password.
-            from pymongo.errors import InvalidURI
+            # Parsed now, so a malformed URI (or an unknown option) is a settings error
+            # (exit 2) rather than a driver error later. pymongo's reason is repeated
+            # only if it quotes no secret: it can quote pieces of an unescaped password.
+            from pymongo.errors import ConfigurationError, InvalidURI
             from pymongo.uri_parser import parse_uri
 
             try:
                 parse_uri(uri, validate=True)
-            except (InvalidURI, ValueError):
+            except (InvalidURI, ConfigurationError, ValueError) as exc:
+                reason = str(exc)
+                if not reason or any(secret in reason for secret in uri_secrets(uri)):
+                    reason = "the reason would quote the password"
+                unknown = _unknown_uri_options(uri)
+                if unknown and reason.startswith("Unknown option."):
+                    # pymongo does not name an option from a URI; option names are no secret.
+                    reason = f"unknown option {', '.join(unknown)}{reason[len('Unknown option') :]}"
+                reason = reason.removesuffix(" Refer to docstring.")
                 raise ValueError(
-                    "is not a valid MongoDB URI; check its hosts and options, and "
+                    f"is not a valid MongoDB URI ({reason}); check its hosts and options, and "
                     "percent-encode @ : / ? # [ ] % in the user name and password (RFC 3986)"
                 ) from None
         return uri

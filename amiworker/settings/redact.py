@@ -10,7 +10,7 @@ from urllib.parse import unquote
 if TYPE_CHECKING:
     from amiworker.settings.model import Settings
 
-__all__ = ["MASK", "redact_uri", "secrets_of"]
+__all__ = ["MASK", "redact_uri", "secrets_of", "uri_secrets"]
 
 MASK = "***"
 # URI options whose values are credentials, e.g. tlsCertificateKeyFilePassword,
@@ -37,6 +37,16 @@ def redact_uri(uri: str) -> str:
         rest = f"{userinfo}@{rest[at + 1 :]}"
     rest = _SECRET_OPTION.sub(lambda m: m.group(1) + MASK, rest)
     return f"{scheme}{sep}{rest}"
+
+
+def uri_secrets(uri: str) -> list[str]:
+    """What :func:`redact_uri` masks in ``uri``: its password (as written, and
+    percent-decoded) and the values of its credential options."""
+    userinfo, at, _ = uri.partition("://")[2].rpartition("@")
+    _, colon, password = userinfo.partition(":")
+    found = [password, unquote(password)] if at and colon and password else []
+    found += [m.group(0).partition("=")[2] for m in _SECRET_OPTION.finditer(uri)]
+    return [secret for secret in found if secret]
 
 
 def secrets_of(settings: Settings) -> list[str]:
