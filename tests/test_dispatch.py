@@ -155,7 +155,8 @@ def test_missing_module(app_dir: Path) -> None:
     assert import_error(app_dir, "billing_does_not_exist") == (
         "handler module 'billing_does_not_exist' failed to import: ModuleNotFoundError: "
         f"No module named 'billing_does_not_exist' (looked in {app_dir.resolve()}; fix it or "
-        "remove it from AMIWORKER_HANDLERS)"
+        "remove it from the handlers setting: --handlers, AMIWORKER_HANDLERS or handlers in "
+        "the config file)"
     )
 
 
@@ -164,7 +165,10 @@ def test_syntax_error(app_dir: Path, write_module: WriteModule) -> None:
     message = import_error(app_dir, name)
     assert message.startswith(f"handler module {name!r} failed to import: SyntaxError: ")
     assert f"({name}.py, line 2)" in message
-    assert message.endswith("fix it or remove it from AMIWORKER_HANDLERS)")
+    assert message.endswith(
+        "fix it or remove it from the handlers setting: --handlers, "
+        "AMIWORKER_HANDLERS or handlers in the config file)"
+    )
 
 
 def test_exception_at_import_names_the_line(app_dir: Path, write_module: WriteModule) -> None:

@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     board: BoardProcess | None = None
     try:
         mongo.start()
-        print(f"  embedded MongoDB (nx-27017) at {mongo.uri}")
+        print(f"  embedded MongoDB (nx-27017) at {mongo.uri}, database {DATABASE}")
         client: MongoClient[dict[str, Any]] = MongoClient(mongo.uri)
         client.drop_database(DATABASE)
         for simulator in simulators:
@@ -84,6 +84,7 @@ def run_demo(args: argparse.Namespace) -> int:
             app_dir=app_dir,
         ).start()
         print(f"  amiworker --workers {args.workers} (log: {fleet.log_path})")
+        print(f"  the fleet: amiworker status --mongo-uri {mongo.uri} --database {DATABASE}")
         db = client[DATABASE]
         _wait_connected(db, fleet, args.workers, [s.name for s in simulators])
         if args.board_port is not None:

@@ -161,7 +161,8 @@ def _import(name: str, directory: Path) -> ModuleType:
         raise HandlerImportError(
             name,
             f"handler module {name!r} failed to import: {describe_exception(exc)} "
-            f"(looked in {directory}; fix it or remove it from {HANDLERS_SETTING})",
+            f"(looked in {directory}; fix it or remove it from the handlers setting: "
+            f"--handlers, {HANDLERS_SETTING} or handlers in the config file)",
         ) from exc
 
 
