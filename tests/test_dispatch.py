@@ -10,6 +10,7 @@ import textwrap
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from amiworker.fleet.dispatch import (
     invoke,
     load_handlers,
 )
+from amiworker.fleet.handler_threads import abandoned_runs
 
 EVENT = Parser(banner=False).feed(b"Event: Hangup\r\nUniqueid: 1.2\r\nCause: 16\r\n\r\n")[0]
 
@@ -283,6 +285,71 @@ async def test_sync_timeout_abandons_the_thread() -> None:
         release.set()
     await asyncio.to_thread(finished.wait, 5)
     assert finished.is_set()
+
+
+async def test_runs_that_wait_for_a_thread_held_by_abandoned_runs_blame_those_and_never_run() -> (
+    None
+):
+    """A plain handler that never returns, abandoned once per thread of the pool, holds
+    them all: a quick handler then times out waiting for a thread. Its error names the
+    handler holding them, not itself, and it does not run late once a thread frees
+    (its event is retried instead); the abandoned runs are counted until they return."""
+    release = threading.Event()
+    quick_runs: list[int] = []
+
+    def HangupHandler(ctx: HandlerContext, event: Message) -> None:
+        release.wait(10)
+
+    def NewchannelHandler(ctx: HandlerContext, event: Message) -> None:
+        quick_runs.append(1)
+
+    hung, quick = handler_name(HangupHandler), handler_name(NewchannelHandler)
+    pool = ThreadPoolExecutor(2, "test-handler")
+    try:
+        for _ in range(2):
+            with pytest.raises(HandlerTimeout, match="its thread is abandoned"):
+                await invoke(HangupHandler, context(), EVENT, timeout=0.05, executor=pool)
+        assert abandoned_runs() == {hung: 2}
+        with pytest.raises(HandlerTimeout) as info:
+            await invoke(NewchannelHandler, context(), EVENT, timeout=0.05, executor=pool)
+        assert str(info.value) == (
+            f"{quick} did not start within 0.05 s: every handler thread is busy, 2 held by "
+            f"runs abandoned after handler_timeout (2 run(s) of {hung}); make those return "
+            "(or async def), then restart the worker"
+        )
+    finally:
+        release.set()
+        await asyncio.to_thread(pool.shutdown, wait=True)
+    assert quick_runs == [], "given up before it started: never run late"
+    assert abandoned_runs() == {}
+    await invoke(NewchannelHandler, context(), EVENT, timeout=5)
+    assert quick_runs == [1]
+
+
+async def test_a_run_that_waits_for_a_thread_busy_with_slow_runs_says_so() -> None:
+    release, started = threading.Event(), threading.Event()
+
+    def HangupHandler(ctx: HandlerContext, event: Message) -> None:
+        started.set()
+        release.wait(10)  # slow, within its timeout
+
+    def NewchannelHandler(ctx: HandlerContext, event: Message) -> None:
+        pass
+
+    pool = ThreadPoolExecutor(1, "test-handler")
+    slow = asyncio.create_task(invoke(HangupHandler, context(), EVENT, 30, executor=pool))
+    try:
+        await asyncio.to_thread(started.wait, 5)
+        with pytest.raises(HandlerTimeout) as info:
+            await invoke(NewchannelHandler, context(), EVENT, timeout=0.05, executor=pool)
+        assert str(info.value).endswith(
+            "did not start within 0.05 s: every handler thread was busy; raise "
+            "handler_concurrency or make the plain handlers faster"
+        )
+    finally:
+        release.set()
+        await slow
+        await asyncio.to_thread(pool.shutdown, wait=True)
 
 
 async def test_handler_exceptions_propagate_unchanged() -> None:

@@ -262,6 +262,47 @@ async def test_a_dying_loop_ends_the_worker_which_is_restarted_and_loses_nothing
     assert set(runs_per_key(app_dirs[1])) == set(sent)
 
 
+async def test_a_plain_handler_that_never_returns_is_named_and_does_not_hold_the_stop(
+    tmp_path: Path, mongo_server: EmbeddedMongo
+) -> None:
+    """Its runs, abandoned after handler_timeout, keep their threads: once they hold
+    every one, the quick handlers waiting for a thread are not blamed (the log names
+    the handler holding them), and the worker still stops when asked, without the
+    supervisor having to kill it (Python's exit would wait for those threads)."""
+    hang = """
+        import threading
+
+        def HangupHandler(ctx, event):
+            threading.Event().wait()  # never returns
+    """
+    app_dirs = app(tmp_path, hang)
+    simulator = SimulatorProcess("pbx1", tmp_path, duration=0.2).start()
+    uri = mongo_server.uri
+    host = fleet(
+        tmp_path / "fleet", [simulator], uri, "hang", 1, app_dirs,
+        AMIWORKER_HANDLER_TIMEOUT="0.5", AMIWORKER_HANDLER_CONCURRENCY="2",
+        AMIWORKER_SHUTDOWN_TIMEOUT="2",
+    )  # fmt: skip
+    db: Any = MongoClient(uri)["hang"]
+    try:
+        await asyncio.to_thread(wait_connected, db, 1, ["pbx1"])
+        set_rate([simulator], 5)
+        held = (
+            "2 held by runs abandoned after handler_timeout (2 run(s) of recording.HangupHandler)"
+        )
+        await wait_for(lambda: held in host.log_text(), 60, "a quick handler kept waiting")
+        assert host.stop() == 0
+    finally:
+        host.kill()
+        simulator.stop()
+
+    log = host.log_text()
+    assert "recording.HangupHandler did not finish within 0.5 s (its thread is abandoned" in log
+    assert "did not start within 0.5 s: every handler thread is busy, " + held in log
+    assert "exiting without waiting for 2 plain handler run(s) abandoned" in log
+    assert "did not stop in time" not in log
+
+
 # The issue's figure is 2 minutes; AMIWORKER_TEST_BACKLOG=120 for it (CI runs a
 # shorter one: the bound is reached within seconds, and then holds).
 BACKLOG_SECONDS = float(os.environ.get("AMIWORKER_TEST_BACKLOG", "40"))

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any, Final, TypeAlias
 
 from amiworker.ami.message import Message
+from amiworker.fleet.handler_threads import ThreadRun, abandoned_runs, describe_abandoned
 
 __all__ = [
     "Handler",
@@ -215,13 +216,17 @@ async def invoke(
     The handler's own exceptions propagate unchanged.
     """
     deadline = asyncio.timeout(timeout)
+    thread_run: ThreadRun | None = None
     try:
         async with deadline:
             if _is_async(handler):
                 result = handler(ctx, event)
             else:
                 loop = asyncio.get_running_loop()
-                call = functools.partial(contextvars.copy_context().run, handler, ctx, event)
+                thread_run = ThreadRun(handler_name(handler))
+                call = functools.partial(
+                    thread_run, contextvars.copy_context().run, handler, ctx, event
+                )
                 result = await loop.run_in_executor(executor, call)
             if inspect.isawaitable(result):
                 # async def, or a plain function that returned a coroutine
@@ -230,10 +235,31 @@ async def invoke(
     except TimeoutError:
         if not deadline.expired():
             raise  # the handler's own TimeoutError
-        how = "cancelled" if _is_async(handler) else "its thread is abandoned and runs on"
-        raise HandlerTimeout(
-            f"{handler_name(handler)} did not finish within {timeout:g} s ({how})"
-        ) from None
+        raise HandlerTimeout(_timed_out(handler, timeout, thread_run)) from None
+
+
+def _timed_out(handler: Handler, timeout: float, thread_run: ThreadRun | None) -> str:
+    name = handler_name(handler)
+    if thread_run is None or thread_run.finished:  # a coroutine (maybe a plain function's)
+        return f"{name} did not finish within {timeout:g} s (cancelled)"
+    if thread_run.give_up():
+        return (
+            f"{name} did not finish within {timeout:g} s (its thread is abandoned and runs "
+            "on until it returns: a thread cannot be stopped)"
+        )
+    # It waited for a thread all along: say who holds them, not blame this handler.
+    abandoned = abandoned_runs()
+    if abandoned:
+        return (
+            f"{name} did not start within {timeout:g} s: every handler thread is busy, "
+            f"{sum(abandoned.values())} held by runs abandoned after handler_timeout "
+            f"({describe_abandoned(abandoned)}); make those return (or async def), "
+            "then restart the worker"
+        )
+    return (
+        f"{name} did not start within {timeout:g} s: every handler thread was busy; raise "
+        "handler_concurrency or make the plain handlers faster"
+    )
 
 
 async def run_handlers(

@@ -54,6 +54,7 @@ from amiworker.fleet.dispatch import (
     load_handlers,
 )
 from amiworker.fleet.documents import event_document
+from amiworker.fleet.handler_threads import abandoned_runs, describe_abandoned
 from amiworker.fleet.health import StoreHealth
 from amiworker.fleet.heartbeat import RUNNING, STOPPED, STOPPING, Heartbeat
 from amiworker.fleet.hedging import Hedging
@@ -532,11 +533,26 @@ def run_worker_process(settings: Settings, index: int | None = None) -> None:
         log.error("%s", exc)
         sys.exit(2)
     _tune_the_collector()
+    status = 0
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve(settings, registry, worker_id, index))
     except WorkerLoopDied:
-        sys.exit(EXIT_LOOP_DIED)
+        status = EXIT_LOOP_DIED
+    abandoned = abandoned_runs()
+    if abandoned:
+        # Python's exit would wait for every thread of the handler pool, and these may
+        # never return: the supervisor would kill the worker after shutdown_timeout.
+        log.error(
+            "exiting without waiting for %d plain handler run(s) abandoned after "
+            "handler_timeout and still running (%s)",
+            sum(abandoned.values()),
+            describe_abandoned(abandoned),
+        )
+        logging.shutdown()
+        os._exit(status)
+    if status:
+        sys.exit(status)
 
 
 async def _serve(
