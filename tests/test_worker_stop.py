@@ -134,3 +134,45 @@ async def test_stop_gives_up_on_unstorable_events_after_shutdown_timeout(
         assert [item.message["Uniqueid"] for item in batch.items] == ["0", "1", "2"]
     finally:
         await successor.claimer.queue.close()
+
+
+class UnreachableToTheEnd(UnreachableStore):
+    """As unreachable for the stop's record as for the claims: that call would wait
+    the whole store_timeout (the driver's timeoutMS) before failing."""
+
+    async def heartbeat(self, info: dict[str, Any] | None = None) -> None:
+        if info and info.get("state") == "stopped":
+            self.stop_recorded = True  # asked: with MongoDB down, it should not be
+            await asyncio.sleep(30)
+        await asyncio.sleep(0.05)
+        raise StoreUnavailable("MongoDB at test is unreachable")
+
+    async def fleet(self) -> tuple[datetime, list[Any]]:
+        raise StoreUnavailable("MongoDB at test is unreachable")
+
+
+async def test_a_stop_with_mongodb_away_does_not_wait_on_it_for_what_cannot_be_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The supervisor kills a worker not gone within shutdown_timeout + 10 s; with the
+    store down, the final record (each call waiting store_timeout) would outlast that."""
+    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
+    settings = Settings.load(
+        None,
+        env_file=None,
+        servers=[pbx],
+        heartbeat_interval=0.5,
+        shutdown_timeout=0.5,
+        store_timeout=30,
+        spill_dir=tmp_path / "spill",
+    )
+    store = UnreachableToTheEnd()
+    worker = Worker(settings, HandlerRegistry(), worker_id="w", store=store)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    worker._on_event("p", Message(b"Event: Hangup\r\nUniqueid: 1\r\n\r\n"), False)
+    await wait_for(lambda: worker.health.down, timeout=5, what="MongoDB seen down")
+    worker.stop()
+    async with asyncio.timeout(10):
+        await task
+    assert not store.stop_recorded
+    assert any("the stop is not recorded there" in r.getMessage() for r in caplog.records)

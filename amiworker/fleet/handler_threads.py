@@ -12,12 +12,16 @@ given up before it started never starts later (its event is retried).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ThreadRun", "abandoned_runs", "describe_abandoned"]
+__all__ = ["ThreadRun", "abandoned_runs", "describe_abandoned", "exit_past_abandoned_runs"]
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 # Handler name -> runs abandoned after handler_timeout that have not returned yet.
@@ -71,3 +75,20 @@ def describe_abandoned(runs: dict[str, int]) -> str:
         f"{count} run(s) of {name}" if n == 0 else f"{count} of {name}"
         for n, (name, count) in enumerate(ordered)
     )
+
+
+def exit_past_abandoned_runs(status: int) -> None:
+    """End the process now with ``status`` if abandoned runs are still going: Python's
+    exit would wait for every thread of the handler pool, and these may never return
+    (the supervisor would kill the worker after shutdown_timeout)."""
+    abandoned = abandoned_runs()
+    if not abandoned:
+        return
+    log.error(
+        "exiting without waiting for %d plain handler run(s) abandoned after "
+        "handler_timeout and still running (%s)",
+        sum(abandoned.values()),
+        describe_abandoned(abandoned),
+    )
+    logging.shutdown()
+    os._exit(status)

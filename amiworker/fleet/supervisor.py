@@ -79,7 +79,12 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("%s: stopping the workers gracefully", signal.Signals(signum).name)
+            log.info(
+                "%s: stopping the workers gracefully (within shutdown_timeout + %g s; "
+                "a second signal kills them at once)",
+                signal.Signals(signum).name,
+                _STOP_GRACE,
+            )
         else:
             log.warning("second signal: killing the workers now")
             for slot in self._slots:

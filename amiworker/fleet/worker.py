@@ -54,7 +54,7 @@ from amiworker.fleet.dispatch import (
     load_handlers,
 )
 from amiworker.fleet.documents import event_document
-from amiworker.fleet.handler_threads import abandoned_runs, describe_abandoned
+from amiworker.fleet.handler_threads import exit_past_abandoned_runs
 from amiworker.fleet.health import StoreHealth
 from amiworker.fleet.heartbeat import RUNNING, STOPPED, STOPPING, Heartbeat
 from amiworker.fleet.hedging import Hedging
@@ -389,15 +389,19 @@ class Worker:
         self.state = STOPPING
         log.info("stopping: no new claims; releasing unstarted events, finishing handlers")
         by_name = {task.get_name(): task for task in loops}
+        # MongoDB away: each call below would wait store_timeout for nothing, and the
+        # supervisor kills a worker not gone within shutdown_timeout + 10 s.
+        store_down = self.health.down
         if self.hedging is not None:
             # Own nothing from now on: the others see it at once (the row, and a final
             # coverage record), and hedge what this worker will not claim.
             self.hedging.coverage.leaving = True
-            with contextlib.suppress(StoreUnavailable):
-                await self.hedging.exchange()
+            if not store_down:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.hedging.exchange()
         claims, takeover = by_name["claims"], by_name["takeover"]
         self.takeover.stop()
-        await asyncio.wait({takeover}, timeout=settings.store_timeout * 3)
+        await asyncio.wait({takeover}, timeout=0 if store_down else settings.store_timeout * 3)
         await cancel_until_done([takeover, indexes])
         # What was buffered in memory before the stop is stored (queued: room is now
         # 0); what is spilled stays on disk for the next worker of this slot.
@@ -441,7 +445,12 @@ class Worker:
         # Holding nothing now: the lease may go.
         await cancel_until_done([outcomes, by_name["heartbeat"], *_named(by_name, "hedging")])
         self.state = STOPPED
-        if not await self.heartbeat.beat_once():
+        if self.health.down:
+            log.warning(
+                "MongoDB unreachable: the stop is not recorded there (this worker's row "
+                "shows it gone once its lease passes)"
+            )
+        elif not await self.heartbeat.beat_once():
             log.warning("could not record the stop in MongoDB")
         await self.pool.stop(logoff=True)
         await self.store.close()
@@ -539,18 +548,7 @@ def run_worker_process(settings: Settings, index: int | None = None) -> None:
             asyncio.run(_serve(settings, registry, worker_id, index))
     except WorkerLoopDied:
         status = EXIT_LOOP_DIED
-    abandoned = abandoned_runs()
-    if abandoned:
-        # Python's exit would wait for every thread of the handler pool, and these may
-        # never return: the supervisor would kill the worker after shutdown_timeout.
-        log.error(
-            "exiting without waiting for %d plain handler run(s) abandoned after "
-            "handler_timeout and still running (%s)",
-            sum(abandoned.values()),
-            describe_abandoned(abandoned),
-        )
-        logging.shutdown()
-        os._exit(status)
+    exit_past_abandoned_runs(status)
     if status:
         sys.exit(status)
 
