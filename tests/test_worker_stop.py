@@ -176,3 +176,69 @@ async def test_a_stop_with_mongodb_away_does_not_wait_on_it_for_what_cannot_be_r
         await task
     assert not store.stop_recorded
     assert any("the stop is not recorded there" in r.getMessage() for r in caplog.records)
+
+
+class AwayAfterTheFirstClaim(UnreachableToTheEnd):
+    """Takes one claim, then goes away for good (a release too would wait the whole
+    store_timeout before failing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+        self.releases = 0
+
+    async def claim(self, docs: list[dict[str, Any]]) -> Claimed:
+        self.claims += 1
+        if self.claims == 1:
+            return Claimed(docs, [])
+        return await super().claim(docs)
+
+    async def release(self, keys: list[Any]) -> int:
+        self.releases += 1
+        await asyncio.sleep(30)
+        raise StoreUnavailable("MongoDB at test is unreachable")
+
+
+async def test_a_stop_with_mongodb_away_leaves_held_events_to_the_lease_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events claimed before MongoDB went away, running or not started: giving them
+    back cannot work, and each try would wait store_timeout; they are said, and left
+    for a live worker to take over after the lease."""
+    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
+    settings = Settings.load(
+        None,
+        env_file=None,
+        servers=[pbx],
+        heartbeat_interval=0.5,
+        shutdown_timeout=0.5,
+        store_timeout=30,
+        handler_concurrency=1,
+        spill_dir=tmp_path / "spill",
+    )
+    started = asyncio.Event()
+
+    async def HangupHandler(ctx: Any, event: Message) -> None:
+        started.set()
+        await asyncio.sleep(60)  # still running at the stop
+
+    store = AwayAfterTheFirstClaim()
+    registry = HandlerRegistry(["t"], [("HangupHandler", HangupHandler)])
+    worker = Worker(settings, registry, worker_id="w", store=store)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker.run())
+    for n in range(2):  # one batch: the first runs, the second waits for the runner
+        worker._on_event("p", Message(f"Event: Hangup\r\nUniqueid: {n}\r\n\r\n".encode()), False)
+    await wait_for(started.is_set, timeout=5, what="the first event's handler running")
+    worker._on_event("p", Message(b"Event: Hangup\r\nUniqueid: 2\r\n\r\n"), False)
+    await wait_for(lambda: worker.health.down, timeout=5, what="MongoDB seen down")
+    worker.stop()
+    async with asyncio.timeout(10):
+        await task
+    assert store.releases == 0
+    said = [r.getMessage() for r in caplog.records if "could not release" in r.getMessage()]
+    assert said == [
+        "could not release 1 unstarted event(s): MongoDB is unreachable; they run again "
+        "elsewhere after the lease",
+        "could not release 1 abandoned event(s): MongoDB is unreachable; they run again "
+        "elsewhere after the lease",
+    ]

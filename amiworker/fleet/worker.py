@@ -462,7 +462,10 @@ class Worker:
             return
         attempt = 0
         while True:
+            past_deadline = deadline is None or time.monotonic() >= deadline
             try:
+                if self.health.down and past_deadline:  # a try would wait store_timeout
+                    raise StoreUnavailable("MongoDB is unreachable")
                 released = await self.store.release(keys)
                 self.stats.released += released
                 log.info("released %d %s event(s) for other workers to run", released, what)
