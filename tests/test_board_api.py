@@ -371,3 +371,57 @@ def test_stream_sends_every_section_then_changes(board: Board) -> None:
     assert set(names) >= {b"status", b"calls", b"rates", b"fleet", b"failures"}
     calls = data.split(b"event: calls\ndata: ", 1)[1].split(b"\n", 1)[0]
     assert {c["linkedid"] for c in json.loads(calls)["calls"]} >= {"b900-1", "b901-1"}
+
+
+def test_the_api_answers_503_at_once_while_mongodb_is_known_unreachable(tmp_path: Path) -> None:
+    """Not after holding each request READY_TIMEOUT (15 s) for a first read that cannot
+    come: the page and its scripts learn at once, and say so."""
+    from amiworker.devstack.embedded_mongo import free_port
+
+    process = BoardProcess(
+        tmp_path,
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}/",
+        database="unreachable",
+        extra_env={"AMIWORKER_STORE_TIMEOUT": "0.5"},
+    ).start(wait_ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while not process.status().get("problem"):
+            assert time.monotonic() < deadline, process.log_text()[-2000:]
+            time.sleep(0.1)
+        for section in ("calls", "rates", "fleet", "failures"):
+            connection = http.client.HTTPConnection(process.url.removeprefix("http://"), timeout=5)
+            try:
+                connection.request("GET", f"/api/{section}")
+                reply = connection.getresponse()
+                assert reply.status == 503
+                assert json.loads(reply.read()) == {
+                    "error": "MongoDB is unreachable or failing; the board retries"
+                }
+            finally:
+                connection.close()
+    finally:
+        assert process.stop() == 0
+
+
+def test_a_page_streaming_does_not_hold_the_stop(
+    mongo_server: EmbeddedMongo, tmp_path: Path
+) -> None:
+    """An open page's stream ends when the board stops (the page reconnects by itself),
+    rather than being cancelled with a traceback once the graceful shutdown times out."""
+    process = BoardProcess(
+        tmp_path, mongo_uri=mongo_server.uri, database=f"t_board_{uuid.uuid4().hex[:12]}"
+    ).start()
+    connection = http.client.HTTPConnection(process.url.removeprefix("http://"), timeout=15)
+    try:
+        connection.request("GET", "/api/stream")
+        reply = connection.getresponse()
+        assert b"retry: 1000" in reply.fp.read1(65536)
+        assert process.stop() == 0
+        while reply.fp.read1(65536):  # what was sent before the stop, then the end
+            pass
+    finally:
+        connection.close()
+    log = process.log_text()
+    assert "timeout graceful shutdown exceeded" not in log, log[-3000:]
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-3000:]

@@ -47,8 +47,9 @@ class BoardProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self, timeout: float = 30.0) -> BoardProcess:
-        """Start it; return once it serves and has read the log (``/api/status`` ready)."""
+    def start(self, timeout: float = 30.0, *, wait_ready: bool = True) -> BoardProcess:
+        """Start it; return once it serves and (``wait_ready``) has read the log
+        (``/api/status`` ready)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
@@ -71,7 +72,7 @@ class BoardProcess:
                 raise TimeoutError(f"amiworker board did not start within {timeout:g} s")
             else:
                 time.sleep(0.05)
-        while not self.status().get("ready"):
+        while wait_ready and not self.status().get("ready"):
             if self.process.poll() is not None:
                 raise RuntimeError(f"amiworker board exited: {self.log_text()[-2000:]}")
             if time.monotonic() > deadline:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -47,6 +48,8 @@ log = logging.getLogger("amiworker.board")
 STATIC: Final = Path(__file__).parent / "static"
 LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost", "::1", "[::1]")
 READY_TIMEOUT: Final = 15.0
+# How often a request waiting for the first read looks whether MongoDB is failing.
+_READY_CHECK: Final = 0.2
 KEEPALIVE: Final = 15.0
 _HEADERS: Final = {
     "Content-Security-Policy": (
@@ -104,13 +107,23 @@ def create_app(
 
     async def section(name: str) -> Response:
         if name != "status":
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(READY_TIMEOUT):
-                    await tracker.ready.wait()
+            await ready_or_failing()
             if not tracker.ready.is_set():
                 problem = tracker.problem or "the board is still reading the log"
                 return json_response({"error": problem}, 503, **{"Retry-After": "2"})
         return json_response(tracker.section(name))
+
+    async def ready_or_failing() -> None:
+        """Until the first read of the log is done, MongoDB is known to fail (no use
+        holding the request then), or READY_TIMEOUT has passed."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not tracker.ready.is_set() and tracker.problem is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, _READY_CHECK)):
+                    await tracker.ready.wait()
 
     async def calls(request: Request) -> Response:
         return await section("calls")
@@ -155,6 +168,8 @@ def create_app(
                 yield f"retry: 1000\n: amiworker board, updates by {tracker.describe()}\n\n"
                 while True:
                     items = await subscriber.next(KEEPALIVE)
+                    if subscriber.ended:
+                        return
                     if not items:
                         yield ": keep-alive\n\n"
                     for name, payload in items:

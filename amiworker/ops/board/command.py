@@ -18,7 +18,7 @@ import ipaddress
 import signal
 import socket
 import sys
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from amiworker import logs
 from amiworker.flags import (
@@ -29,6 +29,9 @@ from amiworker.flags import (
     register_secrets,
 )
 from amiworker.settings import Settings, SettingsError, redact_uri, secrets_of
+
+if TYPE_CHECKING:
+    from amiworker.ops.board.live import Tracker
 
 __all__ = ["add_board_command", "is_loopback", "run_board"]
 
@@ -129,7 +132,7 @@ def run_board(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_UNAVAILABLE
-    app = _build(settings, args, token, create_app)
+    app, tracker = _build(settings, args, token, create_app)
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -138,7 +141,15 @@ def run_board(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=2,
         ws="none",
     )
-    server = uvicorn.Server(config)
+
+    class BoardServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Open pages' streams first: uvicorn waits for every response to end
+            # (timeout_graceful_shutdown), then cancels it with a traceback.
+            tracker.end_streams()
+            await super().shutdown(sockets)
+
+    server = BoardServer(config)
     port = sock.getsockname()[1]
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"amiworker board: http://{shown}:{port}/", flush=True)
@@ -153,7 +164,9 @@ def run_board(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build(settings: Settings, args: argparse.Namespace, token: str | None, create: Any) -> Any:
+def _build(
+    settings: Settings, args: argparse.Namespace, token: str | None, create: Any
+) -> tuple[Any, Tracker]:
     from amiworker.cancelling import cancel_until_done
     from amiworker.ops.board.live import Tracker
     from amiworker.ops.query import EventQuery
@@ -179,6 +192,7 @@ def _build(settings: Settings, args: argparse.Namespace, token: str | None, crea
         await cancel_until_done(running, give_up_after=5.0)
         await query.close()
 
-    return create(
+    app = create(
         tracker, token=token, loopback=is_loopback(args.host), on_startup=start, on_shutdown=stop
     )
+    return app, tracker

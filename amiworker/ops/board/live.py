@@ -69,9 +69,15 @@ class Subscriber:
     def __init__(self) -> None:
         self._pending: dict[str, str] = {}
         self._ready = asyncio.Event()
+        self.ended = False
 
     def put(self, name: str, payload: str) -> None:
         self._pending[name] = payload
+        self._ready.set()
+
+    def end(self) -> None:
+        """The board is stopping: the stream ends (the page reconnects by itself)."""
+        self.ended = True
         self._ready.set()
 
     async def next(self, timeout: float) -> list[tuple[str, str]]:
@@ -109,6 +115,7 @@ class Tracker:
         self.failures: dict[str, Any] = {"limit": 0, "failures": []}
         self.mode = "starting"  # then "changes" or "poll"
         self.problem: str | None = None
+        self._ending = False
         self.sync_seconds: float | None = None
         self.ready = asyncio.Event()  # the first read of the log is done
         # Longest first, so that a URI is masked whole before its password is.
@@ -156,6 +163,8 @@ class Tracker:
     def subscribe(self) -> Subscriber:
         """A new page: it gets every section now, then each change."""
         subscriber = Subscriber()
+        if self._ending:
+            subscriber.end()
         now = datetime.now(UTC)
         for name in SECTIONS:
             subscriber.put(name, self.dumps(self.section(name, now)))
@@ -164,6 +173,13 @@ class Tracker:
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
+
+    def end_streams(self) -> None:
+        """End every open page's stream, and those opened from now on: a server
+        stopping gracefully waits for its responses to end, and these never would."""
+        self._ending = True
+        for subscriber in self._subscribers:
+            subscriber.end()
 
     def changed(self, *names: str) -> None:
         self._dirty.update(names)
