@@ -239,6 +239,15 @@ async def test_failing_handlers_are_retried_then_dead_and_never_disturb_the_othe
                 assert second[3]["attempts"] == 1 and second[3]["error"], second[3]
         assert setup.worker.stats.reclaimed >= len(failing)
         assert any("took over" in r.getMessage() for r in caplog.records)
+        # One line per failed run, saying which attempt it was and what comes of it.
+        for doc in by_event["Newchannel"]:
+            said = [r.getMessage() for r in caplog.records if doc["_id"] in r.getMessage()]
+            assert [line.split(": ValueError")[0] for line in said] == [
+                f"handler {setup.handlers.__name__}.NewchannelHandler failed on Newchannel "
+                f"event {doc['_id']} (attempt 1 of 2; retried after a backoff)",
+                f"handler {setup.handlers.__name__}.NewchannelHandler failed on Newchannel "
+                f"event {doc['_id']} (attempt 2 of 2: now dead; `amiworker retry` re-queues it)",
+            ]
 
         # The operator fixes the handlers and re-queues the dead events.
         setup.flag.touch()

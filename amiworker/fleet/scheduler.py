@@ -58,6 +58,7 @@ class Job:
     message: Message
     key: str | None  # the stored document's _id; None for an event handled locally
     received_mono: float
+    attempts: int = 0  # runs of it that failed before this one (the stored count)
 
 
 def order_key(server: str, message: Message) -> str:
@@ -92,8 +93,10 @@ class HandlerScheduler:
         on_finished: Callable[[Job, BaseException | None], None],
         executor: Executor | None = None,
         backlog: int = 1_000_000,
+        max_attempts: int | None = None,
     ) -> None:
         self._registry = registry
+        self._max_attempts = max_attempts
         self._executor = executor
         self._context_for = context_for
         self._timeout = timeout
@@ -300,6 +303,16 @@ class HandlerScheduler:
             held.discard(paused)
             held.difference_update(local for local, _ in taken)
 
+    def _what_follows(self, job: Job) -> str:
+        """Which attempt failed, and what comes of it (as the store records it)."""
+        limit = self._max_attempts
+        if job.key is None or limit is None:
+            return ""  # not stored: not retried
+        attempt = job.attempts + 1
+        if attempt >= limit:
+            return f" (attempt {attempt} of {limit}: now dead; `amiworker retry` re-queues it)"
+        return f" (attempt {attempt} of {limit}; retried after a backoff)"
+
     async def _run(self, job: Job) -> None:
         if self.on_started is not None:
             self.on_started(time.monotonic() - job.received_mono)
@@ -320,10 +333,11 @@ class HandlerScheduler:
         )
         for handler, failure in failures:
             log.error(
-                "handler %s failed on %s event %s: %s",
+                "handler %s failed on %s event %s%s: %s",
                 handler_name(handler),
                 job.message.name,
                 job.key or "(local)",
+                self._what_follows(job),
                 describe_exception(failure),
                 extra={"server": job.server},
             )

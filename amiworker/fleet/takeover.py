@@ -164,5 +164,7 @@ class Takeover:
         log.info("took over %d event(s) to run (%s)", len(docs), why)
         now = time.monotonic()
         for doc in docs:
-            job = Job(doc["server"], message_from_document(doc), doc["_id"], now)
+            job = Job(
+                doc["server"], message_from_document(doc), doc["_id"], now, doc.get("attempts", 0)
+            )
             self._scheduler.submit(job)

@@ -133,6 +133,7 @@ class Worker:
             # handler_timeout, so there is a thread for every concurrent call.
             executor=ThreadPoolExecutor(settings.handler_concurrency, "handler"),
             backlog=settings.handler_backlog,
+            max_attempts=settings.max_attempts,
         )
         self.claimer = Claimer(
             self.store,
