@@ -132,7 +132,8 @@ def _unknown_uri_options(uri: str) -> list[str]:
         from pymongo.common import URI_OPTIONS_ALIAS_MAP, URI_OPTIONS_VALIDATOR_MAP
     except ImportError:  # moved in some pymongo: the option goes unnamed
         return []
-    query = uri.partition("?")[2].partition("#")[0]
+    hosts_on = uri.partition("://")[2].rpartition("@")[2]  # past the user info, whatever it holds
+    query = hosts_on.partition("?")[2].partition("#")[0]
     names = [pair.partition("=")[0] for pair in re.split("[&;]", query) if pair]
     known = URI_OPTIONS_VALIDATOR_MAP.keys() | URI_OPTIONS_ALIAS_MAP.keys()
     return [name for name in names if name.lower() not in known]
