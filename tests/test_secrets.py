@@ -150,7 +150,7 @@ async def test_a_worker_failing_everywhere_logs_no_secret(
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)  # the stop cannot be recorded: logged, no secret
-    assert logged("could not record the stop") == 1
+    assert logged("MongoDB unreachable: the stop is not recorded there") == 1
     assert_no_secret(status, "the worker's status and heartbeat")
     assert_no_secret(objects, "a repr of the settings or store")
     assert_no_secret(all_records_text(caplog), "a log record")
