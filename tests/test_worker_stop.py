@@ -28,6 +28,12 @@ from amiworker.settings import Settings
 from tests.waiting import wait_for
 
 
+def worker_settings(**overrides: Any) -> Settings:
+    """One PBX, on a port nobody listens on: these workers never get an event from it."""
+    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
+    return Settings.load(None, env_file=None, servers=[pbx], **overrides)
+
+
 class CancelDroppingStore:
     database = None
     worker_id = "w"
@@ -63,11 +69,7 @@ class CancelDroppingStore:
 
 
 async def test_stop_ends_though_a_loop_lost_its_cancellation() -> None:
-    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
-    settings = Settings.load(
-        None,
-        env_file=None,
-        servers=[pbx],
+    settings = worker_settings(
         heartbeat_interval=0.01,
         lease=1.0,
         shutdown_timeout=1.0,
@@ -102,11 +104,7 @@ async def test_stop_gives_up_on_unstorable_events_after_shutdown_timeout(
 ) -> None:
     """Without a spill they are lost, counted and logged; with one they go to the spill,
     and the next worker of the slot finds them there."""
-    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
-    settings = Settings.load(
-        None,
-        env_file=None,
-        servers=[pbx],
+    settings = worker_settings(
         heartbeat_interval=0.5,
         shutdown_timeout=0.5,
         spill_dir=tmp_path / "spill",
@@ -156,11 +154,7 @@ async def test_a_stop_with_mongodb_away_does_not_wait_on_it_for_what_cannot_be_r
 ) -> None:
     """The supervisor kills a worker not gone within shutdown_timeout + 10 s; with the
     store down, the final record (each call waiting store_timeout) would outlast that."""
-    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
-    settings = Settings.load(
-        None,
-        env_file=None,
-        servers=[pbx],
+    settings = worker_settings(
         heartbeat_interval=0.5,
         shutdown_timeout=0.5,
         store_timeout=30,
@@ -205,11 +199,7 @@ async def test_a_stop_with_mongodb_away_leaves_held_events_to_the_lease_at_once(
     """Events claimed before MongoDB went away, running or not started: giving them
     back cannot work, and each try would wait store_timeout; they are said, and left
     for a live worker to take over after the lease."""
-    pbx = {"name": "p", "host": "127.0.0.1", "port": free_port(), "username": "u", "secret": "s"}
-    settings = Settings.load(
-        None,
-        env_file=None,
-        servers=[pbx],
+    settings = worker_settings(
         heartbeat_interval=0.5,
         shutdown_timeout=0.5,
         store_timeout=30,
