@@ -422,6 +422,7 @@ def test_a_page_streaming_does_not_hold_the_stop(
             pass
     finally:
         connection.close()
+        process.stop()  # a no-op once stopped; a failed check must not leave it running
     log = process.log_text()
     assert "timeout graceful shutdown exceeded" not in log, log[-3000:]
     assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-3000:]
