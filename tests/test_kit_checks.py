@@ -75,6 +75,11 @@ async def HangupHandler(ctx, event):
         {"_id": event["Uniqueid"]}, {"$min": {"at": when}}, upsert=True)
 '''
 
+ALWAYS_RAISES = """
+async def HangupHandler(ctx, event):
+    raise ValueError("no such extension")
+"""
+
 PUSH = '''
 async def NewextenHandler(ctx, event):
     """Order-independent as a set of steps; their order in the array is not."""
@@ -91,6 +96,7 @@ def modules(tmp_path: Path) -> Iterator[Path]:
         "insert_once": INSERT_ONCE,
         "clock": CLOCK,
         "push": PUSH,
+        "always_raises": ALWAYS_RAISES,
     }.items():
         (tmp_path / f"kit_{name}.py").write_text(text)
     path_before = list(sys.path)
@@ -176,6 +182,23 @@ async def test_a_handler_whose_rerun_raises_is_not_idempotent(modules: Path) -> 
     assert result.difference is None  # the database is the same: the re-run failed
     assert "raised on its re-run DuplicateKeyError" in str(result)
     assert "kit_insert_once.py:3" in str(result)  # the handler's own line
+
+
+async def test_a_handler_that_always_raises_passes_neither_check(modules: Path) -> None:
+    """It writes nothing, so every scenario leaves the same (empty) database: a check
+    that compared only that would pass a handler that never works."""
+    kit = harness(modules, "always_raises")
+    for check in (check_idempotent, check_order_independent):
+        result = await check(kit, sample_calls(2))
+        assert not result
+        assert result.culprit is not None and not result.culprit.repeat
+        assert len(result.raised) == 4  # every Hangup of the two calls
+        text = str(result)
+        assert "NO, when the events run once, in order, a handler raised" in text
+        assert "raised ValueError: no such extension (" in text
+        assert "kit_always_raises.py:3)" in text  # the handler's own line
+        # What pytest shows of `assert result` (it cuts a repr to 240 characters).
+        assert repr(result).startswith(f"<CheckResult {result.check}: NO, when the events")
 
 
 async def test_what_a_handler_reads_of_the_clock_is_found_out(modules: Path) -> None:
