@@ -185,6 +185,10 @@ def test_events_with_nothing_to_show(capsys: pytest.CaptureFixture[str], log: li
         (["--follow", "--state", "dead"], "amiworker: --follow shows events as they are stored"),
         (["--limit", "-1"], "amiworker: --limit must be 0 or more"),
         (["--mongo-uri", "http://db"], "amiworker: invalid setting mongo_uri: must start with"),
+        (
+            ["--database", "bad.db"],
+            "amiworker: invalid setting database: a MongoDB database name cannot contain '.'",
+        ),
     ],
 )
 def test_bad_flags_are_one_line_and_exit_2(
@@ -399,6 +403,17 @@ def test_replay_refuses_a_broken_handler_module(
     code, out, err = run(capsys, "replay", "--handlers", "broken", "--app-dir", str(tmp_path), *log)
     assert code == 2 and out == ""
     assert err.startswith("amiworker: handler module 'broken' failed to import: ")
+
+
+def test_replay_refuses_a_database_name_mongodb_would_refuse(
+    capsys: pytest.CaptureFixture[str], log: list[str]
+) -> None:
+    code, out, err = run(
+        capsys, "replay", "--handlers", "handlers.calls", "--app-dir", str(ROOT),
+        "--into", "calls rebuilt", *log,
+    )  # fmt: skip
+    assert (code, out) == (2, "")
+    assert err == "amiworker: --into 'calls rebuilt': a MongoDB database name cannot contain ' '\n"
 
 
 # -- the real entry point, in processes ------------------------------------------------------

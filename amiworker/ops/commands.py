@@ -39,7 +39,7 @@ from amiworker.ops.render import (
     print_workers,
     worker_json,
 )
-from amiworker.settings import Settings, SettingsError
+from amiworker.settings import Settings, SettingsError, database_name_problem
 from amiworker.timeparse import HELP as TIME_HELP
 
 __all__ = ["add_commands"]
@@ -220,6 +220,10 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     from amiworker.ops.replay import replay
 
     flt = _filter(args)
+    if args.into:
+        problem = database_name_problem(args.into)
+        if problem is not None:
+            raise _UsageError(f"--into {args.into!r}: {problem}")
     try:
         registry = load_handlers(settings.handlers, settings.app_dir)
     except HandlerImportError as exc:

@@ -4,7 +4,12 @@ and a TOML file (:mod:`~amiworker.settings.model`); one line per mistake
 """
 
 from amiworker.settings.errors import ENV_PREFIX, SettingsError, format_validation_error
-from amiworker.settings.model import ServerSettings, Settings, default_spill_dir
+from amiworker.settings.model import (
+    ServerSettings,
+    Settings,
+    database_name_problem,
+    default_spill_dir,
+)
 from amiworker.settings.redact import MASK, redact_uri, secrets_of
 
 __all__ = [
@@ -13,6 +18,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "SettingsError",
+    "database_name_problem",
     "default_spill_dir",
     "format_validation_error",
     "redact_uri",

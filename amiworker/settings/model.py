@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -50,7 +50,7 @@ from amiworker.settings.errors import (
 )
 from amiworker.settings.redact import MASK, redact_uri, uri_secrets
 
-__all__ = ["ServerSettings", "Settings", "default_spill_dir"]
+__all__ = ["ServerSettings", "Settings", "database_name_problem", "default_spill_dir"]
 
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -124,6 +124,22 @@ class ServerSettings(BaseModel):
 # The TOML file of the current Settings.load() call. pydantic-settings builds its
 # sources in a classmethod, so the path reaches it through a context variable.
 _toml_file: ContextVar[Path | None] = ContextVar("amiworker_toml_file", default=None)
+
+
+# Characters MongoDB refuses in a database name wherever it runs (on Windows also
+# *<>:|?, which a server on Linux takes: left to it).
+_DATABASE_NAME_REFUSES: Final = frozenset('/\\. "$\0')
+
+
+def database_name_problem(name: str) -> str | None:
+    """Why MongoDB would refuse ``name`` for a database (None: it would not)."""
+    refused = sorted({c for c in name if c in _DATABASE_NAME_REFUSES})
+    if refused:
+        shown = " ".join(repr(c) for c in refused)
+        return f"a MongoDB database name cannot contain {shown}"
+    if not 0 < len(name.encode()) < 64:
+        return "a MongoDB database name is 1 to 63 bytes long"
+    return None
 
 
 def _unknown_uri_options(uri: str) -> list[str]:
@@ -368,6 +384,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"server name {server.name!r} is used twice; names must be unique")
             seen.add(server.name)
         return servers
+
+    @field_validator("database")
+    @classmethod
+    def _database_name(cls, name: str) -> str:
+        problem = database_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return name
 
     @field_validator("mongo_uri")
     @classmethod
