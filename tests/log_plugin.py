@@ -166,7 +166,8 @@ async def add_workers(database: Any) -> None:
             "state": "stopped",
             "host": "host-c",
             "pid": 303,
-            "servers": {"pbx1": {"connected": False}},
+            # Its last row is written just before it logs off: still "connected".
+            "servers": {"pbx1": {"connected": True}},
             "counters": {"events_seen": 77},
             "queue_depth": 0,
             "last_seen": datetime(2026, 1, 2, tzinfo=UTC),

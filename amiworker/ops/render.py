@@ -222,8 +222,12 @@ _COUNTER_COLUMNS: Final = (
 _HEDGED_COLUMNS: Final = (("OWNED", "owned"), ("HEDGED", "hedged"), ("COVERED", "covered"))
 
 
-def _pbxs(servers: Any) -> str:
+def _pbxs(servers: Any, *, live: bool = True) -> str:
+    """Each PBX and its session; ``live`` False (a stopped worker): what its last row
+    said no longer holds (it logged off after writing it), so only the names."""
     if isinstance(servers, Mapping):
+        if not live:
+            return ", ".join(sorted(servers)) or "-"
         parts = []
         for name, status in sorted(servers.items()):
             up = status.get("connected") if isinstance(status, Mapping) else bool(status)
@@ -285,7 +289,7 @@ def print_workers(workers: Sequence[WorkerStatus], lease: float, out: TextIO) ->
                 worker.worker_id,
                 worker.host or "-",
                 str(worker.pid or "-"),
-                _pbxs(worker.servers),
+                _pbxs(worker.servers, live=worker.state != "stopped"),
                 *counters,
                 "-" if worker.queue_depth is None else str(worker.queue_depth),
                 "-" if worker.backlog is None else str(worker.backlog),
