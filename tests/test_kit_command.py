@@ -73,6 +73,29 @@ def test_a_property_that_fails_exits_1_naming_handler_and_event(tmp_path: Path) 
     assert done.stdout.splitlines()[-1].startswith("FAIL in ")
 
 
+def test_a_plain_handler_that_never_returns_fails_and_does_not_hold_the_command(
+    tmp_path: Path,
+) -> None:
+    """Its runs fail at --handler-timeout; the command prints its report and exits
+    without waiting for their threads (Python's exit would wait forever)."""
+    (tmp_path / "stuck.py").write_text(
+        "import threading\n\ndef HangupHandler(ctx, event):\n    threading.Event().wait()\n"
+    )
+    done = amiworker(
+        "test-handlers", "stuck", "--app-dir", str(tmp_path), "--calls", "1",
+        "--handler-timeout", "0.2",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert ["stuck.HangupHandler", "2", "2", "NO", "NO"] in [
+        line.split() for line in done.stdout.splitlines()
+    ]
+    assert "did not finish within 0.2 s (its thread is abandoned" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("FAIL in ")
+    assert "exiting without waiting for 2 plain handler run(s) abandoned" in done.stderr
+    bad = amiworker("test-handlers", "stuck", "--app-dir", str(tmp_path), "--handler-timeout", "0")
+    assert bad.returncode == 2 and "--handler-timeout must be more than 0" in bad.stderr
+
+
 def test_the_handlers_setting_is_the_default(tmp_path: Path) -> None:
     (tmp_path / "counting.py").write_text(NOT_IDEMPOTENT)
     done = amiworker("test-handlers", "--handlers", "counting", "--app-dir", str(tmp_path))

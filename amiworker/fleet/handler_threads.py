@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -91,4 +92,6 @@ def exit_past_abandoned_runs(status: int) -> None:
         describe_abandoned(abandoned),
     )
     logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # os._exit writes out no buffer
     os._exit(status)
