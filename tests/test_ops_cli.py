@@ -359,13 +359,29 @@ def test_retry_requeues_dead_events(
 ) -> None:
     flags, _ = own_log
     code, out, _ = run(capsys, "retry", "--server", "pbx2", *flags)
-    assert (code, out) == (0, "re-queued 0 dead event(s); running workers retry them within 12 s\n")
+    assert (code, out) == (0, "re-queued 0 dead event(s): none matches\n")
     code, out, _ = run(capsys, "retry", "--event", "Hangup", *flags)
-    assert out.startswith("re-queued 2 dead event(s)")
+    assert out.startswith("re-queued 2 dead event(s); ")  # then who runs them, and when
     code, out, _ = run(capsys, "events", "--state", "dead", *flags)
     assert out == ""
     code, out, _ = run(capsys, "events", "--state", "failed", *flags)
     assert [row.split()[6] for row in table(out)[1:]] == ["failed"] * 3
+
+
+def test_retry_with_no_worker_running_says_who_will_run_them(
+    capsys: pytest.CaptureFixture[str],
+    own_log: tuple[list[str], FilledLog],
+    mongo_server: EmbeddedMongo,
+) -> None:
+    flags, _ = own_log
+    client: MongoClient[dict[str, Any]]
+    with MongoClient(mongo_server.uri) as client:
+        client[flags[-1]].workers.delete_many({})  # the whole fleet stopped and forgotten
+    code, out, _ = run(capsys, "retry", *flags)
+    assert (code, out) == (
+        0,
+        "re-queued 2 dead event(s); no worker runs now: the first to start runs them\n",
+    )
 
 
 def test_replay_into_another_database(

@@ -272,13 +272,19 @@ async def _retry(args: argparse.Namespace, settings: Settings) -> int:
     query = await _opened(settings)
     try:
         count = await query.retry_dead(flt)
+        workers = await query.workers(settings.lease) if count else []
     finally:
         await query.close()
-    print(
-        # Workers search for retries they did not record themselves once per lease.
-        f"re-queued {count} dead event(s); running workers retry them within "
-        f"{settings.lease + settings.heartbeat_interval:g} s"
-    )
+    if not count:
+        print("re-queued 0 dead event(s): none matches")
+    elif not any(w.state == "running" and not w.stale for w in workers):
+        print(f"re-queued {count} dead event(s); no worker runs now: the first to start runs them")
+    else:
+        print(
+            # Workers search for retries they did not record themselves once per lease.
+            f"re-queued {count} dead event(s); running workers retry them within "
+            f"{settings.lease + settings.heartbeat_interval:g} s"
+        )
     return 0
 
 
