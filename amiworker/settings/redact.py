@@ -50,10 +50,6 @@ def uri_secrets(uri: str) -> list[str]:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value in ``settings``: AMI secrets and the MongoDB password."""
+    """Every secret value in ``settings``: AMI secrets, and the MongoDB URI's."""
     found = [server.secret.get_secret_value() for server in settings.servers]
-    userinfo, at, _ = settings.mongo_uri.partition("://")[2].rpartition("@")
-    _, colon, password = userinfo.partition(":")
-    if at and colon and password:
-        found.append(unquote(password))
-    return found
+    return found + uri_secrets(settings.mongo_uri)
